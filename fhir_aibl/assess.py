@@ -1,0 +1,143 @@
+"""One patient's resources -> Assessment: facts, then the engine, then the output contract.
+
+`Assessor` holds what is loaded once per process (value sets, the rulebook, the
+engine) and is safe to share between threads: fact extraction is pure and the
+engine serialises its own calls.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .assessment import RISK_FACTOR_ORDER, Assessment, Finding, RulesetInfo, SelectedT
+from .engine import Derivation, Engine
+from .errors import EvaluationError
+from .facts import FactSet, extract_facts
+from .rulebook import Rulebook, load_rulebook
+from .terminology import Terminology
+
+RULES_DIR = Path(__file__).resolve().parent.parent / "rules"
+DEFAULT_RULES = RULES_DIR / "aibl.yaml"
+
+
+def default_rules_path() -> Path:
+    """The shipped rule file: `rules/aibl.yaml` beside the package (also when installed editable)."""
+    return DEFAULT_RULES
+
+
+@dataclass
+class Result:
+    assessment: Assessment
+    facts: FactSet
+
+
+class Assessor:
+    def __init__(self, rules_path: Path | None = None, valuesets_dir: Path | None = None):
+        rules_path = Path(rules_path or DEFAULT_RULES)
+        self.terminology = Terminology.load(valuesets_dir or rules_path.parent / "valuesets")
+        # The content hash covers the rule file, the value sets and the clinician-facing
+        # catalogue, so that any change to what a patient is told changes the ruleset name.
+        catalogue = rules_path.parent / "recommendations.yaml"
+        extra = self.terminology.content_hash + (hashlib.sha256(catalogue.read_bytes()).hexdigest() if catalogue.exists() else "")
+        self.rulebook: Rulebook = load_rulebook(rules_path, extra_hash=extra)
+        self.engine = Engine(self.rulebook)
+        self.ruleset_info = RulesetInfo(
+            name=self.rulebook.name,
+            id=self.rulebook.id,
+            version=self.rulebook.version,
+            content_hash=self.rulebook.content_hash,
+            boundary_mode=self.rulebook.boundary_mode,
+        )
+
+    def assess(self, patient_ref: str, resources: Iterable[Mapping[str, Any]], as_of: dt.date) -> Result:
+        facts = extract_facts(patient_ref, resources, as_of, self.terminology)
+        derivation = self.engine.evaluate(facts.facts)
+        return Result(build_assessment(patient_ref, as_of, derivation, self.rulebook, self.ruleset_info), facts)
+
+
+def _detail(rulebook: Rulebook, rule_ids: list[str]) -> str | None:
+    texts = [rulebook.rule(r).detail for r in rule_ids if rulebook.rule(r).detail]
+    return " ".join(texts) if texts else None
+
+
+def build_assessment(
+    patient_ref: str, as_of: dt.date, derivation: Derivation, rulebook: Rulebook, info: RulesetInfo
+) -> Assessment:
+    outputs = rulebook.outputs
+    findings: list[Finding] = []
+    values: dict[str, list[str]] = {}
+    for name, spec in outputs.items():
+        if name == "selected_t":
+            continue
+        codes = []
+        for derived in derivation.of_type(spec["fact"]):
+            code = str(derived.fact.get(spec.get("field", "code")))
+            rules = derivation.rules_for(derived.key)
+            extra: dict[str, Any] = {}
+            if name == "audit":
+                extra["detail"] = f"{derived.fact.get('resource')} ignored: {derived.fact.get('reason')}"
+            else:
+                extra["detail"] = _detail(rulebook, rules)
+            findings.append(
+                Finding(
+                    kind=spec["kind"],
+                    code=code,
+                    rules=tuple(rules),
+                    evidence=tuple(derivation.evidence_for(derived.key)),
+                    **extra,
+                )
+            )
+            codes.append(code)
+        values[name] = codes
+
+    def single(name: str) -> str:
+        found = sorted(set(values.get(name, [])))
+        if len(found) == 1:
+            return found[0]
+        if not found and "default" in outputs[name]:
+            return str(outputs[name]["default"])
+        # A rulebook that gives no category or two is wrong; never guess one for a patient.
+        raise EvaluationError(f"rules produced {len(found)} values for {name} ({', '.join(found) or 'none'})")
+
+    selected = []
+    sel_spec = outputs.get("selected_t")
+    if sel_spec:
+        for derived in derivation.of_type(sel_spec["fact"]):
+            selected.append(
+                SelectedT(
+                    site=str(derived.fact["site"]),
+                    value=float(derived.fact["value"]),
+                    evidence=tuple(derivation.evidence_for(derived.key)),
+                )
+            )
+            findings.append(
+                Finding(
+                    kind=sel_spec["kind"],
+                    code=f"{derived.fact['site']}:{derived.fact['value']}",
+                    rules=tuple(derivation.rules_for(derived.key)),
+                    evidence=tuple(derivation.evidence_for(derived.key)),
+                )
+            )
+    # Every resource a fired rule used, whether or not what it derived is an output.
+    evidence = sorted({ref for key in derivation.derived for ref in derivation.evidence_for(key)})
+    rank = {code: i for i, code in enumerate(RISK_FACTOR_ORDER)}
+    findings.sort(key=lambda f: (f.kind, f.code))
+    return Assessment(
+        patient=patient_ref,
+        ai_status=single("ai_status"),
+        category=single("category"),
+        risk_factors=tuple(sorted(set(values.get("risk_factors", [])), key=lambda c: (rank.get(c, 99), c))),
+        recommendations=tuple(sorted(set(values.get("recommendations", [])))),
+        flags=tuple(sorted(set(values.get("flags", [])))),
+        rules=tuple(sorted(set(derivation.fired))),
+        evidence=tuple(evidence),
+        as_of=as_of,
+        ruleset=info,
+        findings=tuple(findings),
+        selected_t=tuple(sorted(selected, key=lambda s: (s.value, s.site))),
+    )

@@ -1,0 +1,192 @@
+"""The `fhir-aibl` command.
+
+    fhir-aibl assess PATH... [--as-of DATE] [--format table|json|fhir] [--rules FILE] [--explain]
+    fhir-aibl demo [--as-of DATE] [--out DIR]
+
+Exit status: 0 when every input was used; 1 when some input was rejected (each rejection
+is printed to stderr, naming the file and the resource; every other patient is still
+assessed); 2 when nothing could run (bad arguments, a rule file that does not load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from . import __version__
+from .assess import RULES_DIR, Assessor, Result
+from .assessment import Assessment
+from .errors import AiblError, NoUsableDataError
+from .sources import PatientRecord, iter_records
+
+PROJECT_DIR = RULES_DIR.parent
+FIXTURES_DIR = PROJECT_DIR / "fixtures" / "bundles"
+SHARED_DATA = PROJECT_DIR.parent / "shared" / "data"
+# Real records the demo adds when ../shared/data is beside the project.
+DEMO_SHARED = (
+    "mcode-stu4-examples/Bundle-mcode-patient-bundle-jenny-m.json",
+    "synthea-r4-osteoporosis/bundles",
+)
+
+
+def _date(text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fhir-aibl", description="AIBL clinical decision support on FHIR R4")
+    parser.add_argument("--version", action="version", version=f"fhir-aibl {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    assess = sub.add_parser("assess", help="assess patients in FHIR Bundles, NDJSON files or directories")
+    assess.add_argument("paths", nargs="+", metavar="PATH")
+    assess.add_argument("--as-of", type=_date, default=None, help="reference date (default: today)")
+    assess.add_argument("--format", choices=("table", "json", "fhir"), default="table")
+    assess.add_argument("--rules", type=Path, default=None, help="rule file (default: rules/aibl.yaml)")
+    assess.add_argument(
+        "--explain", action="store_true", help="json: add as_of, ruleset and the rules and evidence of every finding"
+    )
+
+    demo = sub.add_parser("demo", help="assess the built-in examples and the real records in ../shared/data")
+    demo.add_argument("--as-of", type=_date, default=dt.date(2026, 6, 1), help="reference date (default: 2026-06-01, that of the worked examples)")
+    demo.add_argument("--out", type=Path, default=Path("out/demo"), help="where to write the FHIR output")
+    return parser
+
+
+def _err(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def run_assessments(
+    assessor: Assessor, records: Iterable[PatientRecord | AiblError], as_of: dt.date
+) -> tuple[list[Result], list[AiblError]]:
+    """Assess every record; a failure is reported for its patient and the rest carry on."""
+    results: list[Result] = []
+    problems: list[AiblError] = []
+    for item in records:
+        if isinstance(item, AiblError):
+            problems.append(item)
+            continue
+        source = ", ".join(item.sources)
+        try:
+            result = assessor.assess(item.patient_ref, item.resources, as_of)
+        except AiblError as exc:
+            exc.source = exc.source or source
+            exc.resource = exc.resource or item.patient_ref
+            problems.append(exc)
+            continue
+        if not result.facts.facts:
+            problems.append(
+                NoUsableDataError(
+                    "nothing to assess: no Patient and no recognised Observation, medication or Condition",
+                    source=source,
+                    resource=item.patient_ref,
+                )
+            )
+            continue
+        for note in result.facts.problems:
+            _err(f"warning: {note}")
+        results.append(result)
+    return results, problems
+
+
+def format_table(assessments: Sequence[Assessment]) -> str:
+    headers = ("patient", "AI", "category", "T (site)", "risk factors", "recommendations", "flags")
+    rows = []
+    for a in assessments:
+        t = f"{a.selected_t[0].value:+.1f} ({a.selected_t[0].site})" if a.selected_t else "-"
+        rows.append(
+            (
+                a.patient,
+                a.ai_status,
+                a.category,
+                t,
+                ", ".join(a.risk_factors) or "-",
+                ", ".join(a.recommendations) or "-",
+                ", ".join(a.flags) or "-",
+            )
+        )
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)] if rows else [len(h) for h in headers]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def fhir_bundle_json(assessments: Sequence[Assessment]) -> str:
+    from .careplan import build_resources, load_catalogue, transaction_bundle
+
+    catalogue = load_catalogue(RULES_DIR / "recommendations.yaml")
+    pairs = [build_resources(a, catalogue) for a in assessments]
+    bundle = transaction_bundle(pairs)
+    return json.dumps(json.loads(bundle.model_dump_json(exclude_none=True)), indent=2)
+
+
+def _assess_command(args: argparse.Namespace) -> int:
+    as_of = args.as_of or dt.date.today()
+    assessor = Assessor(args.rules)
+    results, problems = run_assessments(assessor, iter_records(args.paths), as_of)
+    assessments = [r.assessment for r in results]
+    for problem in problems:
+        _err(f"error: {problem}")
+    if args.format == "json":
+        data = [a.explained() if args.explain else a.contract() for a in assessments]
+        print(json.dumps(data, indent=2))
+    elif args.format == "fhir":
+        print(fhir_bundle_json(assessments))
+    else:
+        print(format_table(assessments))
+        print(f"\n{len(assessments)} assessed, {len(problems)} rejected; ruleset {assessor.rulebook.name}; as of {as_of}")
+    return 1 if problems else 0
+
+
+def demo_paths() -> list[Path]:
+    paths = [FIXTURES_DIR]
+    for rel in DEMO_SHARED:
+        if (SHARED_DATA / rel).exists():
+            paths.append(SHARED_DATA / rel)
+    return paths
+
+
+def _demo_command(args: argparse.Namespace) -> int:
+    assessor = Assessor()
+    paths = demo_paths()
+    results, problems = run_assessments(assessor, iter_records(paths), args.as_of)
+    assessments = [r.assessment for r in results]
+    print(f"fhir-aibl demo: {', '.join(str(p) for p in paths)}; as of {args.as_of}; ruleset {assessor.rulebook.name}\n")
+    print(format_table(assessments))
+    for problem in problems:
+        _err(f"error: {problem}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    fhir_path = args.out / "careplans-bundle.json"
+    fhir_path.write_text(fhir_bundle_json(assessments) + "\n")
+    json_path = args.out / "assessments.json"
+    json_path.write_text(json.dumps([a.explained() for a in assessments], indent=2) + "\n")
+    print(f"\n{len(assessments)} patients assessed, {len(problems)} inputs rejected.")
+    print(f"FHIR transaction Bundle (CarePlan + RiskAssessment per patient): {fhir_path}")
+    print(f"Assessments with rules and evidence: {json_path}")
+    return 1 if problems else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "assess":
+            return _assess_command(args)
+        return _demo_command(args)
+    except AiblError as exc:  # rules that do not load, and the like: nothing can run
+        _err(f"fatal: {exc}")
+        return 2
+    except BrokenPipeError:  # `fhir-aibl assess ... | head`
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

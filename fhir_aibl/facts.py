@@ -1,0 +1,539 @@
+"""FHIR R4 resources of one patient -> flat facts for the rules. Pure: no I/O, no clinical decisions.
+
+This module reads and normalises; the rules decide. It
+- recognises codes through the value sets (`terminology.py`), never through display text
+  (the one exception, documented in the value sets, is free text of `bodySite` and of a
+  fracture's mechanism, which carry no code in real data);
+- applies data hygiene D1: resources whose status the `statuses` value set excludes never
+  become evidence; they become `excluded` facts, so the audit trail shows them;
+- normalises units to the canonical UCUM unit of each concept (`units` value set),
+  e.g. the FHIR R4 example's `g/cm-2`, or 25-OH vitamin D in nmol/L;
+- measures time against `as_of`: ages in whole years, data age in calendar months,
+  data recorded after `as_of` is not yet known and is left out;
+- selects the latest measurement where the rules want one value (BMI, smoking status,
+  each laboratory concept), and keeps every DXA result (rule B1 selects among them);
+- pairs BMD results at the same site on the same device for rule L1.
+
+Every fact carries `refs`: the FHIR references (with `_history/<version>` where the
+resource has a `meta.versionId`) of the resources it came from. Fact types and fields
+are declared, for reviewers, under `facts:` in `rules/aibl.yaml`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from dateutil.relativedelta import relativedelta
+
+from .terminology import Terminology
+
+_DATE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?")
+SCORE_UNITS = {"{score}", "", "1"}
+
+
+@dataclass
+class FactSet:
+    patient: str
+    as_of: dt.date
+    facts: list[dict] = field(default_factory=list)
+    #: data-quality findings that are not errors: a value without a usable unit, an implausible value ...
+    problems: list[str] = field(default_factory=list)
+
+    def of_type(self, fact_type: str) -> list[dict]:
+        return [f for f in self.facts if f["t"] == fact_type]
+
+
+def parse_date(value: Any) -> dt.date | None:
+    """The date of a FHIR date, dateTime or instant; a partial date is taken at its earliest day."""
+    if not isinstance(value, str):
+        return None
+    m = _DATE.match(value.strip())
+    if not m:
+        return None
+    year, month, day = int(m.group(1)), int(m.group(2) or 1), int(m.group(3) or 1)
+    try:
+        return dt.date(year, month, day)
+    except ValueError:
+        return None
+
+
+def months_between(earlier: dt.date, later: dt.date) -> float:
+    """Calendar months from `earlier` to `later`: whole months plus a fraction for leftover days.
+
+    Exactly 24 calendar months gives 24.0 and one day more gives more than 24, which is
+    what the inclusive 24-month validity of rule B2 needs (V23: 2024-06-01 to 2026-06-01).
+    """
+    sign = 1
+    if later < earlier:
+        earlier, later, sign = later, earlier, -1
+    rd = relativedelta(later, earlier)
+    whole = rd.years * 12 + rd.months
+    return sign * round(whole + rd.days / 31.0, 3)
+
+
+def age_in_years(birth: dt.date, on: dt.date) -> int:
+    return relativedelta(on, birth).years
+
+
+def reference_of(resource: Mapping[str, Any]) -> str:
+    ref = f"{resource.get('resourceType')}/{resource.get('id')}"
+    version = (resource.get("meta") or {}).get("versionId")
+    return f"{ref}/_history/{version}" if version else ref
+
+
+class _Extractor:
+    def __init__(self, terminology: Terminology, as_of: dt.date):
+        self.term = terminology
+        self.as_of = as_of
+        self.statuses = terminology.valueset("statuses").data
+        units = terminology.valueset("units").data
+        self.unit_aliases: dict[str, str] = {str(k): str(v) for k, v in (units.get("aliases") or {}).items()}
+        self.conversions: dict[str, dict] = dict(units.get("conversions") or {})
+        self.facts: list[dict] = []
+        self.problems: list[str] = []
+        self.birth: dt.date | None = None
+        self.sex = "unknown"
+        #: (fact type, ...) -> (date, reference, fields) of the latest measurement
+        self._latest: dict[tuple, tuple] = {}
+
+    # -- helpers ---------------------------------------------------------------------------
+    def add(self, fact_type: str, refs: Iterable[str], **fields: Any) -> None:
+        self.facts.append({"t": fact_type, **fields, "refs": sorted(set(refs))})
+
+    def exclude(self, resource: Mapping[str, Any], reason: str) -> None:
+        self.add("excluded", [reference_of(resource)], resource=resource.get("resourceType"), reason=reason)
+
+    def age_at(self, when: dt.date | None) -> int | None:
+        if self.birth is None:
+            return None
+        return age_in_years(self.birth, when or self.as_of)
+
+    def unit_of(self, quantity: Mapping[str, Any]) -> str:
+        raw = quantity.get("code") or quantity.get("unit") or ""
+        raw = str(raw).strip()
+        return self.unit_aliases.get(raw, self.unit_aliases.get(raw.lower(), raw))
+
+    def convert(self, concept: str, value: float, unit: str) -> float | None:
+        """Value in the concept's canonical unit, or None when the unit is unknown for it."""
+        spec = self.conversions.get(concept)
+        if spec is None:
+            return value
+        canonical = spec.get("unit")
+        if unit == canonical or (unit == "" and spec.get("unitless_ok")):
+            return value
+        factor = (spec.get("factors") or {}).get(unit)
+        if factor is None:
+            return None
+        return value * float(factor)
+
+    # -- resources -------------------------------------------------------------------------
+    def patient(self, res: Mapping[str, Any]) -> None:
+        self.birth = parse_date(res.get("birthDate"))
+        gender = res.get("gender")
+        self.sex = gender if gender in ("female", "male", "other") else "unknown"
+        fields: dict[str, Any] = {"sex": self.sex}
+        if self.birth is not None:
+            fields["age"] = age_in_years(self.birth, self.as_of)
+        else:
+            self.problems.append(f"{reference_of(res)}: no birthDate; age-based rules cannot apply")
+        self.add("patient", [reference_of(res)], **fields)
+
+    def observation(self, res: Mapping[str, Any], dxa_rows: list[dict]) -> None:
+        status = res.get("status")
+        keep = self.statuses["observation"]["keep"]
+        when = parse_date(
+            res.get("effectiveDateTime")
+            or res.get("effectiveInstant")
+            or (res.get("effectivePeriod") or {}).get("end")
+            or (res.get("effectivePeriod") or {}).get("start")
+            or res.get("issued")
+        )
+        ref = reference_of(res)
+        parts = [(res.get("code"), res)]
+        parts += [(c.get("code"), c) for c in res.get("component") or [] if isinstance(c, dict)]
+        recognised = [(code, holder) for code, holder in parts if self._recognised(code)]
+        if not recognised:
+            return
+        if status not in keep:
+            self.exclude(res, f"status {status}")
+            return
+        if when is None:
+            self.problems.append(f"{ref}: no effective date; not used")
+            return
+        if when > self.as_of:
+            return  # recorded after the reference date: not known as of then
+        age_months = months_between(when, self.as_of)
+        for code, holder in recognised:
+            dxa = self.term.first("dxa", code)
+            if dxa is not None:
+                self._dxa(res, holder, dxa, when, age_months, ref, dxa_rows)
+                continue
+            obs = self.term.first("observations", code)
+            if obs is not None:
+                self._measurement(obs.get("concept"), holder, when, age_months, ref)
+                continue
+            finding = self.term.first("conditions", code) or self.term.first("conditions", holder.get("valueCodeableConcept"))
+            if finding is not None and finding.get("concept") == "family-hip-fracture":
+                self.add("condition", [ref], concept="family-hip-fracture", active=True)
+
+    def _recognised(self, code: Any) -> bool:
+        return bool(
+            self.term.first("dxa", code) or self.term.first("observations", code) or self.term.first("conditions", code)
+        )
+
+    def _number(self, holder: Mapping[str, Any], ref: str) -> tuple[float, str] | None:
+        q = holder.get("valueQuantity")
+        if isinstance(q, dict) and isinstance(q.get("value"), (int, float)) and not isinstance(q.get("value"), bool):
+            return float(q["value"]), self.unit_of(q)
+        for key in ("valueInteger", "valueDecimal"):
+            if isinstance(holder.get(key), (int, float)) and not isinstance(holder.get(key), bool):
+                return float(holder[key]), ""
+        if holder.get("dataAbsentReason") is None:
+            self.problems.append(f"{ref}: no numeric value; not used")
+        return None
+
+    def _dxa(self, res, holder, concept, when, age_months, ref, dxa_rows) -> None:
+        measure = concept.get("measure")
+        site = concept.get("site")
+        body = res.get("bodySite")
+        if site in ("FEMUR", "FA") and body:
+            # 38263-0 "Femur" covers the femoral neck and the total hip; bodySite tells them
+            # apart. 38265-5 is forearm as LOINC defines it unless bodySite says otherwise.
+            hit = self.term.first("body-sites", body)
+            props = hit.properties if hit else None
+            if props is None:
+                texts = [body.get("text")] + [c.get("display") for c in body.get("coding") or [] if isinstance(c, dict)]
+                for text in texts:
+                    props = self.term.match_text("body-sites", text)
+                    if props:
+                        break
+            if props and props.get("site"):
+                site = props["site"]
+        number = self._number(holder, ref)
+        if number is None:
+            return
+        value, unit = number
+        if measure in ("T", "Z"):
+            if unit not in SCORE_UNITS:
+                self.problems.append(f"{ref}: {measure}-score with unit {unit!r}; not used")
+                return
+            if not -10.0 <= value <= 10.0:
+                self.problems.append(f"{ref}: implausible {measure}-score {value}; not used")
+                return
+        elif measure == "BMD":
+            converted = self.convert("bmd", value, unit)
+            if converted is None:
+                self.problems.append(f"{ref}: BMD unit {unit!r} is not g/cm2; not used")
+                return
+            value = converted
+            if not 0.0 < value <= 3.0:
+                self.problems.append(f"{ref}: implausible BMD {value} g/cm2; not used")
+                return
+        self.add("dxa", [ref], measure=measure, site=site, value=round(value, 4), age_months=age_months)
+        if measure == "BMD":
+            device = (res.get("device") or {}).get("reference") or (res.get("device") or {}).get("display")
+            dxa_rows.append(
+                {"site": site, "side": concept.get("laterality"), "device": device, "when": when, "value": value, "ref": ref}
+            )
+
+    def _measurement(self, concept: str | None, holder, when, age_months, ref) -> None:
+        if concept is None:
+            return
+        if concept == "smoking-status":
+            answer = self.term.first("smoking-status", holder.get("valueCodeableConcept"))
+            if answer is None:
+                self.problems.append(f"{ref}: smoking status answer not recognised; not used")
+                return
+            self._latest[("smoking", "observation")] = max(
+                self._latest.get(("smoking", "observation"), (dt.date.min, None, None)),
+                (when, ref, {"status": answer.get("smoking"), "source": "observation"}),
+                key=_when_key,
+            )
+            return
+        number = self._number(holder, ref)
+        if number is None:
+            return
+        value, unit = number
+        converted = self.convert(concept, value, unit)
+        if converted is None:
+            self.problems.append(f"{ref}: {concept} unit {unit!r} not convertible; not used")
+            return
+        if concept == "bmi":
+            key, fields = ("bmi",), {"value": round(converted, 2), "age_months": age_months}
+        elif concept in ("alcohol-drinks-per-day", "audit-c"):
+            measure = "units-per-day" if concept == "alcohol-drinks-per-day" else "audit-c"
+            key, fields = ("alcohol", measure), {"measure": measure, "value": round(converted, 2)}
+        else:
+            key, fields = ("lab", concept), {"concept": concept, "value": round(converted, 4), "age_months": age_months}
+        self._latest[key] = max(self._latest.get(key, (dt.date.min, None, None)), (when, ref, fields), key=_when_key)
+
+    def condition(self, res: Mapping[str, Any]) -> None:
+        concepts = self.term.match("conditions", res.get("code"))
+        if not concepts:
+            return
+        verification = _code_of(res.get("verificationStatus"))
+        if verification in self.statuses["condition"]["verification_exclude"]:
+            self.exclude(res, f"verificationStatus {verification}")
+            return
+        clinical = _code_of(res.get("clinicalStatus"))
+        active = clinical is None or clinical in self.statuses["condition"]["clinical_active"]
+        onset = parse_date(
+            res.get("onsetDateTime") or (res.get("onsetPeriod") or {}).get("start") or res.get("recordedDate")
+        )
+        if onset is not None and onset > self.as_of:
+            return
+        ref = reference_of(res)
+        texts = [(res.get("code") or {}).get("text")]
+        texts += [n.get("text") for n in res.get("note") or [] if isinstance(n, dict)]
+        for ev in res.get("evidence") or []:
+            for c in (ev or {}).get("code") or []:
+                texts.append((c or {}).get("text"))
+        marker = any(self.term.match_text("conditions", t) for t in texts if t)
+        for concept in concepts:
+            name = concept.get("concept")
+            if name == "fracture":
+                fields: dict[str, Any] = {
+                    "site": concept.get("fracture_site", "other"),
+                    "fragility": bool(concept.get("fragility", False)),
+                    "marker": marker,
+                    "possible_fragility_code": concept.get("possible_fragility_age") is not None,
+                }
+                onset_age = res.get("onsetAge")
+                if isinstance(onset_age, dict) and isinstance(onset_age.get("value"), (int, float)):
+                    fields["age_at"] = int(onset_age["value"])
+                else:
+                    age = self.age_at(onset)
+                    if age is not None:
+                        fields["age_at"] = age
+                self.add("fracture", [ref], **fields)
+            elif name in ("current-smoker", "former-smoker"):
+                if name == "current-smoker" and not active:
+                    continue  # a resolved "current smoker" problem is history: the observation decides
+                status = "current" if name == "current-smoker" else "former"
+                self.add("smoking", [ref], status=status, source="condition")
+            else:
+                self.add("condition", [ref], concept=name, active=active)
+
+    def family_history(self, res: Mapping[str, Any]) -> None:
+        if res.get("status") in self.statuses["family_member_history"]["exclude"]:
+            self.exclude(res, f"status {res.get('status')}")
+            return
+        relation = self.term.first("family-relationships", res.get("relationship"))
+        parent = bool(relation.get("parent")) if relation else False
+        ref = reference_of(res)
+        for cond in res.get("condition") or []:
+            for concept in self.term.match("conditions", (cond or {}).get("code")):
+                name = concept.get("concept")
+                if name == "fracture" and concept.get("fracture_site") == "hip":
+                    self.add("family_history", [ref], parent=parent, concept="hip-fracture")
+                elif name == "osteoporosis":
+                    self.add("family_history", [ref], parent=parent, concept="osteoporosis")
+
+    def medication(self, res: Mapping[str, Any], steroid_spans: list[tuple[dt.date, dt.date, str]]) -> None:
+        rtype = res.get("resourceType")
+        code = res.get("medicationCodeableConcept") or self._contained_medication(res)
+        concepts = self.term.match("medications", code)
+        if not concepts:
+            return
+        concept, coded_route = _best_concept(concepts)
+        route = coded_route or _dosage_route(res)
+        cls = concept.get("class")
+        if cls not in ("aromatase-inhibitor", "bisphosphonate", "denosumab", "glucocorticoid"):
+            return
+        ref = reference_of(res)
+        if rtype == "MedicationAdministration":
+            self._administration(res, concept, route, ref)
+            return
+        status = self._e1_status(res)
+        if status == "ignore":
+            self.exclude(res, f"status {res.get('status')}")
+            return
+        start, end = self._period(res)
+        ended = end is not None and end < self.as_of
+        future = start is not None and start > self.as_of
+        if cls == "aromatase-inhibitor":
+            self.add("ai_med", [ref], ingredient=concept.get("ingredient"), status=status, ended=ended, future_start=future)
+        elif cls in ("bisphosphonate", "denosumab"):
+            self.add(
+                "antiresorptive",
+                [ref],
+                ingredient=concept.get("ingredient"),
+                **{"class": cls},
+                route=route or ("oral" if cls == "bisphosphonate" else "sc"),
+                status=status,
+                ended=ended,
+            )
+        # A glucocorticoid of unknown route counts as oral (PROPOSAL): most are, and missing
+        # data must not lower the risk; a stated non-oral route (eye drops, IV) never counts.
+        elif cls == "glucocorticoid" and (route or "oral") == "oral" and start is not None and not future:
+            if status in ("active", "on-hold", "unknown"):
+                stop = min(end or self.as_of, self.as_of)
+            else:
+                stop = min(end or start, self.as_of)
+            if stop >= start:
+                steroid_spans.append((start, stop, ref))
+
+    def _administration(self, res, concept, route, ref) -> None:
+        if res.get("status") not in self.statuses["medication_administration"]["keep"]:
+            return
+        when = parse_date(res.get("effectiveDateTime") or (res.get("effectivePeriod") or {}).get("start"))
+        cls = concept.get("class")
+        if when is None or when > self.as_of or cls not in ("bisphosphonate", "denosumab"):
+            return
+        self.add(
+            "antiresorptive",
+            [ref],
+            ingredient=concept.get("ingredient"),
+            **{"class": cls},
+            route=route or ("oral" if cls == "bisphosphonate" else "sc"),
+            status="administered",
+            ended=False,
+            months_since=months_between(when, self.as_of),
+        )
+
+    def _contained_medication(self, res) -> Any:
+        ref = ((res.get("medicationReference") or {}).get("reference") or "").lstrip("#")
+        for contained in res.get("contained") or []:
+            if isinstance(contained, dict) and contained.get("resourceType") == "Medication" and contained.get("id") == ref:
+                ingredients = [i.get("itemCodeableConcept") for i in contained.get("ingredient") or [] if isinstance(i, dict)]
+                return [contained.get("code")] + [i for i in ingredients if i]
+        return None
+
+    def _e1_status(self, res) -> str:
+        if res.get("resourceType") == "MedicationStatement":
+            return self.statuses["medication_statement"].get(res.get("status"), "unknown")
+        table = self.statuses["medication_request"]
+        status = table["status"].get(res.get("status"), "unknown")
+        if status == "active" and res.get("intent") in table["intent_intended"]:
+            return "intended"
+        return status
+
+    def _period(self, res) -> tuple[dt.date | None, dt.date | None]:
+        if res.get("resourceType") == "MedicationStatement":
+            period = res.get("effectivePeriod") or {}
+            start = parse_date(period.get("start") or res.get("effectiveDateTime"))
+            return start, parse_date(period.get("end"))
+        bounds = {}
+        for dosage in res.get("dosageInstruction") or []:
+            bounds = (((dosage or {}).get("timing") or {}).get("repeat") or {}).get("boundsPeriod") or {}
+            if bounds:
+                break
+        validity = (res.get("dispenseRequest") or {}).get("validityPeriod") or {}
+        start = parse_date(bounds.get("start") or validity.get("start") or res.get("authoredOn"))
+        # A request's validity period is how long it may be dispensed, not when therapy ends:
+        # only an explicit dosage bounds period ends it.
+        return start, parse_date(bounds.get("end"))
+
+    # -- pairing and selection -------------------------------------------------------------
+    def bmd_changes(self, rows: list[dict]) -> None:
+        groups: dict[tuple, list[dict]] = defaultdict(list)
+        for row in rows:
+            if row["site"] in ("LS", "TH"):
+                groups[(row["site"], row["side"], row["device"])].append(row)
+        for (site, _side, _device), series in sorted(groups.items(), key=lambda kv: str(kv[0])):
+            series.sort(key=lambda r: (r["when"], r["ref"]))
+            latest = series[-1]
+            for earlier in series[:-1]:
+                days = (latest["when"] - earlier["when"]).days
+                if days <= 0 or earlier["value"] <= 0:
+                    continue
+                change = latest["value"] - earlier["value"]
+                pct_per_year = change / earlier["value"] * 100.0 * 365.25 / days
+                self.add(
+                    "bmd_change",
+                    [earlier["ref"], latest["ref"]],
+                    site=site,
+                    days=days,
+                    pct_per_year=round(pct_per_year, 3),
+                    abs_change=round(change, 4),
+                    latest_age_months=months_between(latest["when"], self.as_of),
+                )
+
+    def steroid_exposure(self, spans: list[tuple[dt.date, dt.date, str]]) -> None:
+        if not spans:
+            return
+        spans.sort()
+        total_days = 0
+        cur_start, cur_end = spans[0][0], spans[0][1]
+        for start, end, _ref in spans[1:]:
+            if start <= cur_end:
+                cur_end = max(cur_end, end)
+            else:
+                total_days += (cur_end - cur_start).days
+                cur_start, cur_end = start, end
+        total_days += (cur_end - cur_start).days
+        # months of 30.4375 days (365.25 / 12): exposure spans are summed across statements
+        self.add("glucocorticoid", [ref for _s, _e, ref in spans], months=round(total_days / 30.4375, 2))
+
+    def flush_latest(self) -> None:
+        for key, (_when, ref, fields) in sorted(self._latest.items(), key=lambda kv: str(kv[0])):
+            self.add(key[0], [ref], **fields)
+
+
+def _when_key(item: tuple) -> tuple:
+    when, ref, _fields = item
+    return (when, ref or "")
+
+
+def _code_of(codeable: Any) -> str | None:
+    if isinstance(codeable, dict):
+        for coding in codeable.get("coding") or []:
+            if isinstance(coding, dict) and coding.get("code"):
+                return str(coding["code"])
+    return None
+
+
+# Products carry the route and formulation; ingredients and brands do not always.
+_TTY_RANK = {"SCD": 0, "SBD": 1, "SBDC": 1, "GPCK": 1, "BPCK": 1, "IN": 2, "BN": 3, "ATC": 4}
+
+
+def _best_concept(concepts):
+    """Several codings of one medication (product, ingredient, brand, ATC) name one drug.
+
+    They agree on the ingredient in real records; the most specific coding (a product)
+    is preferred, and the first route any coding states is kept.
+    """
+    ranked = sorted(concepts, key=lambda c: _TTY_RANK.get(c.get("tty"), 9))
+    return ranked[0], next((c.get("route") for c in ranked if c.get("route")), None)
+
+
+_ORAL_ROUTES = {"26643006", "PO", "oral"}
+
+
+def _dosage_route(res: Mapping[str, Any]) -> str | None:
+    for dosage in (res.get("dosage") or []) + (res.get("dosageInstruction") or []):
+        for coding in ((dosage or {}).get("route") or {}).get("coding") or []:
+            code = str((coding or {}).get("code", ""))
+            return "oral" if code in _ORAL_ROUTES else "other"
+    return None
+
+
+def extract_facts(patient_ref: str, resources: Iterable[Mapping[str, Any]], as_of: dt.date, terminology: Terminology) -> FactSet:
+    """Every fact the rules read, for one patient's resources."""
+    ex = _Extractor(terminology, as_of)
+    resources = list(resources)
+    dxa_rows: list[dict] = []
+    steroid_spans: list[tuple[dt.date, dt.date, str]] = []
+    for res in resources:
+        if res.get("resourceType") == "Patient":
+            ex.patient(res)
+            break
+    for res in resources:
+        rtype = res.get("resourceType")
+        if rtype == "Observation":
+            ex.observation(res, dxa_rows)
+        elif rtype == "Condition":
+            ex.condition(res)
+        elif rtype == "FamilyMemberHistory":
+            ex.family_history(res)
+        elif rtype in ("MedicationStatement", "MedicationRequest", "MedicationAdministration"):
+            ex.medication(res, steroid_spans)
+    ex.flush_latest()
+    ex.bmd_changes(dxa_rows)
+    ex.steroid_exposure(steroid_spans)
+    return FactSet(patient=patient_ref, as_of=as_of, facts=ex.facts, problems=ex.problems)

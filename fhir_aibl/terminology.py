@@ -1,0 +1,225 @@
+"""Value sets as data: loads `rules/valuesets/*.yaml` and answers code -> concept look-ups.
+
+Every code list the rules depend on lives in a YAML file beside the rules, with
+its source and verification status (V, V2, UNVERIFIED; CLINICAL.md section 3),
+so that a terminologist can review and change it without touching Python.
+The file format is described in `rules/valuesets/README.md`.
+
+Matching rules, all of them from the terminology traps of CLINICAL.md section 3:
+- systems are compared after resolving aliases (`systems.yaml`: the `urn:oid:`
+  forms real exports use, `http://hl7.org/fhir/sid/icd-10` beside `-cm`, ...);
+- ICD-10-CM codes are compared without dots and in upper case (VSAC stores
+  `M8580`, FHIR data says `M85.80`);
+- an entry with `match: prefix` covers every code that starts with it (`C50`
+  covers `C50.912`); the longest matching entry wins;
+- a `texts` entry matches free text (used for `bodySite.text` only: the
+  display of an Observation code is never read as its meaning).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import RulesError
+
+ICD10_SYSTEMS = frozenset({"http://hl7.org/fhir/sid/icd-10-cm", "http://hl7.org/fhir/sid/icd-10"})
+STATUSES = frozenset({"V", "V2", "UNVERIFIED", "PROPOSAL"})
+
+
+@dataclass(frozen=True)
+class Concept:
+    valueset: str
+    system: str
+    code: str
+    display: str
+    status: str
+    properties: Mapping[str, Any] = field(default_factory=dict)
+    match: str = "exact"
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.properties.get(name, default)
+
+
+@dataclass(frozen=True)
+class TextRule:
+    contains: str
+    properties: Mapping[str, Any]
+
+
+@dataclass
+class ValueSet:
+    id: str
+    title: str
+    path: Path
+    exact: dict[tuple[str, str], Concept] = field(default_factory=dict)
+    prefixes: list[Concept] = field(default_factory=list)
+    texts: list[TextRule] = field(default_factory=list)
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _norm_code(system: str, code: str) -> str:
+    code = str(code).strip()
+    if system in ICD10_SYSTEMS:
+        return code.replace(".", "").upper()
+    return code
+
+
+class Terminology:
+    """All value sets of one rules directory."""
+
+    def __init__(self, valuesets: dict[str, ValueSet], aliases: dict[str, str], content_hash: str):
+        self._valuesets = valuesets
+        self._aliases = aliases
+        self.content_hash = content_hash
+
+    # -- loading ---------------------------------------------------------------------------
+    @classmethod
+    def load(cls, directory: Path) -> "Terminology":
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise RulesError(f"value set directory not found: {directory}")
+        digest = hashlib.sha256()
+        aliases: dict[str, str] = {}
+        raw: list[tuple[Path, dict]] = []
+        for path in sorted(directory.glob("*.yaml")):
+            text = path.read_bytes()
+            digest.update(path.name.encode() + b"\0" + text)
+            try:
+                doc = yaml.safe_load(text) or {}
+            except yaml.YAMLError as exc:
+                raise RulesError(f"{path}: not valid YAML: {exc}") from exc
+            if not isinstance(doc, dict):
+                raise RulesError(f"{path}: expected a mapping at the top level")
+            if path.name == "systems.yaml":
+                for entry in doc.get("systems", []):
+                    uri = entry["uri"]
+                    aliases[entry["alias"]] = uri
+                    aliases[uri] = uri
+                    for other in entry.get("also", []):
+                        aliases[other] = uri
+                continue
+            raw.append((path, doc))
+        valuesets: dict[str, ValueSet] = {}
+        for path, doc in raw:
+            vs = cls._build(path, doc, aliases)
+            if vs.id in valuesets:
+                raise RulesError(f"{path}: value set id {vs.id!r} already defined in {valuesets[vs.id].path}")
+            valuesets[vs.id] = vs
+        return cls(valuesets, aliases, digest.hexdigest())
+
+    @staticmethod
+    def _build(path: Path, doc: dict, aliases: dict[str, str]) -> ValueSet:
+        vs_id = doc.get("id")
+        if not vs_id:
+            raise RulesError(f"{path}: missing 'id'")
+        vs = ValueSet(id=vs_id, title=doc.get("title", vs_id), path=path, data=doc)
+        for i, entry in enumerate(doc.get("concepts", []) or []):
+            where = f"{path}: concepts[{i}]"
+            try:
+                system_key = entry["system"]
+                code = str(entry["code"])
+            except (KeyError, TypeError) as exc:
+                raise RulesError(f"{where}: needs 'system' and 'code'") from exc
+            system = aliases.get(system_key, system_key)
+            status = str(entry.get("status", "V"))
+            if status not in STATUSES:
+                raise RulesError(f"{where}: status {status!r} is not one of {sorted(STATUSES)}")
+            if status == "UNVERIFIED" and not entry.get("unverified_ok", False):
+                raise RulesError(
+                    f"{where}: code {code} is UNVERIFIED; set 'unverified_ok: true' with a 'note' to use it knowingly"
+                )
+            concept = Concept(
+                valueset=vs_id,
+                system=system,
+                code=_norm_code(system, code),
+                display=str(entry.get("display", "")),
+                status=status,
+                properties=dict(entry.get("properties", {}) or {}),
+                match=entry.get("match", "exact"),
+            )
+            if concept.match == "prefix":
+                vs.prefixes.append(concept)
+            elif concept.match == "exact":
+                key = (system, concept.code)
+                if key in vs.exact:
+                    raise RulesError(f"{where}: duplicate code {code} in {system}")
+                vs.exact[key] = concept
+            else:
+                raise RulesError(f"{where}: match must be 'exact' or 'prefix'")
+        vs.prefixes.sort(key=lambda c: len(c.code), reverse=True)
+        for entry in doc.get("texts", []) or []:
+            vs.texts.append(TextRule(contains=str(entry["contains"]).lower(), properties=dict(entry["properties"])))
+        return vs
+
+    # -- look-ups --------------------------------------------------------------------------
+    def valueset(self, vs_id: str) -> ValueSet:
+        try:
+            return self._valuesets[vs_id]
+        except KeyError:
+            raise RulesError(f"unknown value set {vs_id!r}") from None
+
+    @property
+    def valueset_ids(self) -> list[str]:
+        return sorted(self._valuesets)
+
+    def system(self, alias_or_uri: str) -> str:
+        return self._aliases.get(alias_or_uri, alias_or_uri)
+
+    def lookup(self, vs_id: str, system: str | None, code: str | None) -> Concept | None:
+        if not system or code is None:
+            return None
+        vs = self.valueset(vs_id)
+        system = self._aliases.get(system, system)
+        norm = _norm_code(system, code)
+        hit = vs.exact.get((system, norm))
+        if hit is not None:
+            return hit
+        for concept in vs.prefixes:
+            if concept.system == system and norm.startswith(concept.code):
+                return concept
+        return None
+
+    def match(self, vs_id: str, codeable: Any) -> list[Concept]:
+        """Every concept of the value set that a CodeableConcept, Coding or list of Codings carries."""
+        found: list[Concept] = []
+        for coding in _codings(codeable):
+            hit = self.lookup(vs_id, coding.get("system"), coding.get("code"))
+            if hit is not None and hit not in found:
+                found.append(hit)
+        return found
+
+    def first(self, vs_id: str, codeable: Any) -> Concept | None:
+        hits = self.match(vs_id, codeable)
+        return hits[0] if hits else None
+
+    def match_text(self, vs_id: str, text: str | None) -> Mapping[str, Any] | None:
+        if not text:
+            return None
+        lowered = text.lower()
+        for rule in self.valueset(vs_id).texts:
+            if rule.contains in lowered:
+                return rule.properties
+        return None
+
+
+def _codings(codeable: Any) -> Iterable[dict]:
+    if not codeable:
+        return ()
+    if isinstance(codeable, dict):
+        if "coding" in codeable:
+            return [c for c in codeable.get("coding") or [] if isinstance(c, dict)]
+        if "code" in codeable:
+            return [codeable]
+        return ()
+    if isinstance(codeable, list):
+        out: list[dict] = []
+        for item in codeable:
+            out.extend(_codings(item))
+        return out
+    return ()

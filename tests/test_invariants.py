@@ -1,0 +1,180 @@
+"""Safety invariants of CLINICAL.md section 0, over generated fact sets (hypothesis).
+
+- every patient gets exactly one ai_status and one category;
+- missing, stale or BMD-only DXA never gives `low`;
+- no start of an antiresorptive for a patient already on one, and never without `ci-check`;
+- the same facts always give the same assessment;
+- two patients evaluated interleaved, or on eight threads at once, never influence each other.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fhir_aibl.assess import build_assessment
+
+AS_OF = dt.date(2026, 6, 1)
+SITES = ["LS", "TH", "FN", "FEMUR", "FA", "CALC"]
+
+
+def _ref(kind: str, i: int) -> list[str]:
+    return [f"{kind}/{i}"]
+
+
+tscore = st.builds(
+    lambda site, value, age, measure, i: {
+        "t": "dxa",
+        "measure": measure,
+        "site": site,
+        "value": value,
+        "age_months": age,
+        "refs": _ref("Observation", i),
+    },
+    st.sampled_from(SITES),
+    st.integers(-45, 25).map(lambda x: x / 10),
+    st.sampled_from([0.5, 3.0, 12.0, 23.9, 24.0, 24.1, 30.0, 60.0]),
+    st.sampled_from(["T", "T", "T", "BMD", "Z"]),
+    st.integers(0, 10_000),
+)
+ai_med = st.builds(
+    lambda status, ended, future, i: {
+        "t": "ai_med",
+        "ingredient": "anastrozole",
+        "status": status,
+        "ended": ended,
+        "future_start": future,
+        "refs": _ref("MedicationStatement", i),
+    },
+    st.sampled_from(["active", "on-hold", "intended", "completed", "stopped", "unknown"]),
+    st.booleans(),
+    st.booleans(),
+    st.integers(0, 10_000),
+)
+risk_facts = st.lists(
+    st.one_of(
+        st.builds(lambda v: {"t": "bmi", "value": v, "age_months": 2.0}, st.sampled_from([17.0, 19.9, 20.0, 26.0])),
+        st.builds(lambda s: {"t": "smoking", "status": s, "source": "observation"}, st.sampled_from(["current", "former", "never", "unknown"])),
+        st.builds(lambda m: {"t": "glucocorticoid", "months": m}, st.sampled_from([2.0, 6.0, 6.1, 12.0])),
+        st.builds(lambda p: {"t": "family_history", "parent": p, "concept": "hip-fracture"}, st.booleans()),
+        st.builds(lambda c, a: {"t": "condition", "concept": c, "active": a}, st.sampled_from(["rheumatoid-arthritis", "premature-menopause", "hypogonadism", "breast-cancer"]), st.booleans()),
+        st.builds(
+            lambda site, frag, marker, possible, age: {
+                "t": "fracture", "site": site, "fragility": frag, "marker": marker,
+                "possible_fragility_code": possible, **({"age_at": age} if age is not None else {}),
+            },
+            st.sampled_from(["hip", "vertebral", "wrist", "other"]), st.booleans(), st.booleans(), st.booleans(),
+            st.one_of(st.none(), st.integers(20, 90)),
+        ),
+        st.builds(
+            lambda cls, route, status, ended: {"t": "antiresorptive", "ingredient": "x", "class": cls, "route": route, "status": status, "ended": ended},
+            st.sampled_from(["bisphosphonate", "denosumab"]), st.sampled_from(["oral", "iv", "sc"]),
+            st.sampled_from(["active", "stopped", "completed"]), st.booleans(),
+        ),
+        st.builds(
+            lambda site, pct, days, absc: {"t": "bmd_change", "site": site, "days": days, "pct_per_year": pct, "abs_change": absc, "latest_age_months": 3.0},
+            st.sampled_from(["LS", "TH"]), st.sampled_from([-8.0, -5.0, -4.9, 1.0]), st.sampled_from([200, 270, 365]),
+            st.sampled_from([-0.08, -0.03, -0.01]),
+        ),
+        st.builds(lambda c: {"t": "lab", "concept": c, "value": 1.0, "age_months": 1.0}, st.sampled_from(["ctx", "vitamin-d3-25oh", "egfr", "calcium"])),
+    ),
+    max_size=6,
+)
+patient = st.builds(
+    lambda age, sex: {"t": "patient", "sex": sex, **({"age": age} if age is not None else {}), "refs": ["Patient/p"]},
+    st.one_of(st.none(), st.integers(30, 95)),
+    st.sampled_from(["female", "male", "unknown"]),
+)
+fact_sets = st.builds(lambda p, meds, dxa, other: [p, *meds, *dxa, *other], patient, st.lists(ai_med, max_size=3), st.lists(tscore, max_size=5), risk_facts)
+
+
+def _assess(assessor, facts):
+    derivation = assessor.engine.evaluate(facts)
+    return build_assessment("Patient/p", AS_OF, derivation, assessor.rulebook, assessor.ruleset_info)
+
+
+def _valid_t(facts) -> bool:
+    return any(
+        f["t"] == "dxa" and f["measure"] == "T" and f["site"] in ("LS", "TH", "FN", "FEMUR", "FA") and f["age_months"] <= 24
+        for f in facts
+    )
+
+
+SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@SETTINGS
+@given(fact_sets)
+def test_safety_invariants(assessor, facts):
+    a = _assess(assessor, facts)  # raises if the rules gave no category or two
+    on_ai = a.ai_status in ("active", "planned")
+    assert (a.category != "not-applicable") == on_ai
+    if not _valid_t(facts):
+        assert a.category != "low", "missing, stale or BMD-only DXA gave low"
+        if a.category in ("indeterminate", "moderate", "high"):
+            assert "dxa-now" in a.recommendations
+    starts = {"oral-bp", "potent-ar"} & set(a.recommendations)
+    if starts:
+        assert "ci-check" in a.recommendations
+    on_ar = any(f["t"] == "antiresorptive" and f["status"] == "active" and not f["ended"] for f in facts)
+    if on_ar:
+        assert not starts, "initiation recommended to a patient already on an antiresorptive"
+    if not on_ai:
+        assert not a.risk_factors and not a.flags
+        assert set(a.recommendations) <= {"post-ai", "dmab-transition"}
+    assert _assess(assessor, facts) == a, "not deterministic"
+
+
+@SETTINGS
+@given(fact_sets, fact_sets)
+def test_interleaved_patients_do_not_meet(assessor, first, second):
+    alone_first = _assess(assessor, first)
+    alone_second = _assess(assessor, second)
+    derivation_1 = assessor.engine.evaluate(first)
+    derivation_2 = assessor.engine.evaluate(second)
+    again_1 = build_assessment("Patient/p", AS_OF, derivation_1, assessor.rulebook, assessor.ruleset_info)
+    again_2 = build_assessment("Patient/p", AS_OF, derivation_2, assessor.rulebook, assessor.ruleset_info)
+    assert again_1 == alone_first
+    assert again_2 == alone_second
+
+
+def test_eight_threads_same_results_as_one(assessor):
+    import random
+
+    rng = random.Random(7)
+    cases = []
+    for i in range(64):
+        t = round(rng.uniform(-3.5, 1.0), 1)
+        cases.append(
+            [
+                {"t": "patient", "sex": "female", "age": rng.randint(40, 90), "refs": [f"Patient/{i}"]},
+                {"t": "ai_med", "ingredient": "letrozole", "status": rng.choice(["active", "intended", "stopped"]), "ended": False, "future_start": False, "refs": [f"MedicationStatement/{i}"]},
+                {"t": "dxa", "measure": "T", "site": rng.choice(["LS", "TH", "FN"]), "value": t, "age_months": rng.choice([3.0, 30.0]), "refs": [f"Observation/{i}"]},
+                {"t": "smoking", "status": rng.choice(["current", "never"]), "source": "observation", "refs": [f"Observation/s{i}"]},
+            ]
+        )
+    serial = [_assess(assessor, c) for c in cases]
+    results: dict[int, list] = {}
+    errors: list[BaseException] = []
+
+    def worker(k: int) -> None:
+        try:
+            results[k] = [_assess(assessor, c) for c in cases[k::8] * 5]
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for k in range(8):
+        mine = serial[k::8]
+        assert results[k] == mine * 5
+        for a, facts in zip(mine, cases[k::8]):
+            refs = {r for f in facts for r in f["refs"]}
+            assert set(a.evidence) <= refs, "evidence from another patient"
