@@ -60,6 +60,10 @@ class Assessor:
         return Result(build_assessment(patient_ref, as_of, derivation, self.rulebook, self.ruleset_info), facts)
 
 
+def _in_stage_order(rulebook: Rulebook, rule_ids: list[str]) -> list[str]:
+    return sorted(rule_ids, key=lambda r: (rulebook.rule(r).stage, r))
+
+
 def _detail(rulebook: Rulebook, rule_ids: list[str]) -> str | None:
     texts = [rulebook.rule(r).detail for r in rule_ids if rulebook.rule(r).detail]
     return " ".join(texts) if texts else None
@@ -77,7 +81,8 @@ def build_assessment(
         codes = []
         for derived in derivation.of_type(spec["fact"]):
             code = str(derived.fact.get(spec.get("field", "code")))
-            rules = derivation.rules_for(derived.key)
+            # the whole chain of rules behind the item, in the order they ran
+            rules = _in_stage_order(rulebook, derivation.rules_behind(derived.key))
             extra: dict[str, Any] = {}
             if name == "audit":
                 extra["detail"] = f"{derived.fact.get('resource')} ignored: {derived.fact.get('reason')}"
@@ -119,7 +124,7 @@ def build_assessment(
                 Finding(
                     kind=sel_spec["kind"],
                     code=f"{derived.fact['site']}:{derived.fact['value']}",
-                    rules=tuple(derivation.rules_for(derived.key)),
+                    rules=tuple(_in_stage_order(rulebook, derivation.rules_behind(derived.key))),
                     evidence=tuple(derivation.evidence_for(derived.key)),
                 )
             )

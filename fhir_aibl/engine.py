@@ -71,9 +71,6 @@ class Derivation:
     def of_type(self, fact_type: str) -> list[DerivedFact]:
         return [d for d in self.derived.values() if d.fact["t"] == fact_type]
 
-    def rules_for(self, key: str) -> list[str]:
-        return sorted({rule for rule, _ in self.derived[key].derivations}) if key in self.derived else []
-
     def evidence_for(self, key: str) -> list[str]:
         """Every FHIR reference behind a fact, following derivations back to base facts."""
         refs: set[str] = set()

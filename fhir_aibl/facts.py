@@ -162,16 +162,20 @@ class _Extractor:
         if status not in keep:
             self.exclude(res, f"status {status}")
             return
-        if when is None:
-            self.problems.append(f"{ref}: no effective date; not used")
-            return
-        if when > self.as_of:
+        if when is not None and when > self.as_of:
             return  # recorded after the reference date: not known as of then
-        age_months = months_between(when, self.as_of)
+        age_months = months_between(when, self.as_of) if when is not None else None
         for code, holder in recognised:
             dxa = self.term.first("dxa", code)
             if dxa is not None:
+                # An undated DXA is still read (the FHIR R4 example Observation-bmd has no
+                # date), without `age_months`: it can never be valid for B1, only shown.
+                if when is None:
+                    self.problems.append(f"{ref}: DXA result without an effective date; cannot count as current")
                 self._dxa(res, holder, dxa, when, age_months, ref, dxa_rows)
+                continue
+            if when is None:
+                self.problems.append(f"{ref}: no effective date; not used")
                 continue
             obs = self.term.first("observations", code)
             if obs is not None:
@@ -234,8 +238,11 @@ class _Extractor:
             if not 0.0 < value <= 3.0:
                 self.problems.append(f"{ref}: implausible BMD {value} g/cm2; not used")
                 return
-        self.add("dxa", [ref], measure=measure, site=site, value=round(value, 4), age_months=age_months)
-        if measure == "BMD":
+        fields = {"measure": measure, "site": site, "value": round(value, 4)}
+        if age_months is not None:
+            fields["age_months"] = age_months
+        self.add("dxa", [ref], **fields)
+        if measure == "BMD" and when is not None:
             device = (res.get("device") or {}).get("reference") or (res.get("device") or {}).get("display")
             dxa_rows.append(
                 {"site": site, "side": concept.get("laterality"), "device": device, "when": when, "value": value, "ref": ref}
@@ -423,11 +430,22 @@ class _Extractor:
             bounds = (((dosage or {}).get("timing") or {}).get("repeat") or {}).get("boundsPeriod") or {}
             if bounds:
                 break
-        validity = (res.get("dispenseRequest") or {}).get("validityPeriod") or {}
+        dispense = res.get("dispenseRequest") or {}
+        validity = dispense.get("validityPeriod") or {}
         start = parse_date(bounds.get("start") or validity.get("start") or res.get("authoredOn"))
+        end = parse_date(bounds.get("end"))
         # A request's validity period is how long it may be dispensed, not when therapy ends:
-        # only an explicit dosage bounds period ends it.
-        return start, parse_date(bounds.get("end"))
+        # only an explicit dosage bounds period ends it. A finished request without one lasted
+        # as long as what was dispensed: the expected supply times (1 + repeats).
+        supply = dispense.get("expectedSupplyDuration") or {}
+        if end is None and start is not None and isinstance(supply.get("value"), (int, float)):
+            days_per = {"d": 1, "wk": 7, "mo": 30.4375, "a": 365.25}.get(supply.get("code") or supply.get("unit"), None)
+            if days_per is not None:
+                repeats = dispense.get("numberOfRepeatsAllowed") or 0
+                end = start + dt.timedelta(days=round(supply["value"] * days_per * (1 + repeats)))
+                if res.get("status") == "active":
+                    end = None  # still being taken: exposure runs to as_of
+        return start, end
 
     # -- pairing and selection -------------------------------------------------------------
     def bmd_changes(self, rows: list[dict]) -> None:

@@ -31,12 +31,12 @@ tscore = st.builds(
         "measure": measure,
         "site": site,
         "value": value,
-        "age_months": age,
+        **({"age_months": age} if age is not None else {}),  # absent: an undated result
         "refs": _ref("Observation", i),
     },
     st.sampled_from(SITES),
     st.integers(-45, 25).map(lambda x: x / 10),
-    st.sampled_from([0.5, 3.0, 12.0, 23.9, 24.0, 24.1, 30.0, 60.0]),
+    st.sampled_from([0.5, 3.0, 12.0, 23.9, 24.0, 24.1, 30.0, 60.0, None]),
     st.sampled_from(["T", "T", "T", "BMD", "Z"]),
     st.integers(0, 10_000),
 )
@@ -98,7 +98,7 @@ def _assess(assessor, facts):
 
 def _valid_t(facts) -> bool:
     return any(
-        f["t"] == "dxa" and f["measure"] == "T" and f["site"] in ("LS", "TH", "FN", "FEMUR", "FA") and f["age_months"] <= 24
+        f["t"] == "dxa" and f["measure"] == "T" and f["site"] in ("LS", "TH", "FN", "FEMUR", "FA") and f.get("age_months", 99) <= 24
         for f in facts
     )
 
