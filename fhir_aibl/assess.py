@@ -37,14 +37,14 @@ class Result:
 
 
 class Assessor:
-    def __init__(self, rules_path: Path | None = None, valuesets_dir: Path | None = None):
+    def __init__(self, rules_path: Path | None = None, valuesets_dir: Path | None = None, mode: str = "default"):
         rules_path = Path(rules_path or DEFAULT_RULES)
         self.terminology = Terminology.load(valuesets_dir or rules_path.parent / "valuesets")
         # The content hash covers the rule file, the value sets and the clinician-facing
         # catalogue, so that any change to what a patient is told changes the ruleset name.
         catalogue = rules_path.parent / "recommendations.yaml"
         extra = self.terminology.content_hash + (hashlib.sha256(catalogue.read_bytes()).hexdigest() if catalogue.exists() else "")
-        self.rulebook: Rulebook = load_rulebook(rules_path, extra_hash=extra)
+        self.rulebook: Rulebook = load_rulebook(rules_path, extra_hash=extra, mode=mode)
         self.engine = Engine(self.rulebook)
         self.ruleset_info = RulesetInfo(
             name=self.rulebook.name,

@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     assess.add_argument("--format", choices=("table", "json", "fhir"), default="table")
     assess.add_argument("--rules", type=Path, default=None, help="rule file (default: rules/aibl.yaml)")
     assess.add_argument(
+        "--mode", default="default", help="boundary mode of the rule file: default or hadji (CLINICAL.md G3/G4)"
+    )
+    assess.add_argument(
         "--explain", action="store_true", help="json: add as_of, ruleset and the rules and evidence of every finding"
     )
 
@@ -131,7 +134,7 @@ def fhir_bundle_json(assessments: Sequence[Assessment]) -> str:
 
 def _assess_command(args: argparse.Namespace) -> int:
     as_of = args.as_of or dt.date.today()
-    assessor = Assessor(args.rules)
+    assessor = Assessor(args.rules, mode=args.mode)
     results, problems = run_assessments(assessor, iter_records(args.paths), as_of)
     assessments = [r.assessment for r in results]
     for problem in problems:

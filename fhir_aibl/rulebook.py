@@ -80,11 +80,15 @@ class Rulebook:
     durable_definition: dict = field(repr=False)
     fact_types: frozenset[str] = frozenset()
     boundary_mode: str = "default"
+    modes: tuple[str, ...] = ("default",)
 
     @property
     def name(self) -> str:
-        """The durable_rules ruleset name: id, version and content hash (a registered ruleset cannot be replaced)."""
-        return f"{self.id}-{self.version}-{self.content_hash}"
+        """The durable_rules ruleset name: id, version, content hash and boundary mode.
+
+        A registered ruleset cannot be replaced in durable_rules, so every variant has its own name.
+        """
+        return f"{self.id}-{self.version}-{self.content_hash}-{self.boundary_mode}"
 
     def rule(self, rule_id: str) -> Rule:
         for rule in self.rules:
@@ -97,8 +101,8 @@ class Rulebook:
         return {self.name: copy.deepcopy(self.durable_definition)}
 
 
-def load_rulebook(path: Path, *, extra_hash: str = "") -> Rulebook:
-    """Load and compile a rule file. `extra_hash` folds the value sets' hash into the content hash."""
+def load_rulebook(path: Path, *, extra_hash: str = "", mode: str = "default") -> Rulebook:
+    """Load and compile a rule file in one boundary mode. `extra_hash` folds the value sets' hash into the content hash."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -111,10 +115,10 @@ def load_rulebook(path: Path, *, extra_hash: str = "") -> Rulebook:
     if not isinstance(doc, dict):
         raise RulesError("a rule file is a mapping", source=str(path))
     digest = hashlib.sha256(raw + b"\0" + extra_hash.encode()).hexdigest()[:12]
-    return compile_document(doc, path=path, content_hash=digest)
+    return compile_document(doc, path=path, content_hash=digest, mode=mode)
 
 
-def compile_document(doc: Mapping[str, Any], *, path: Path, content_hash: str) -> Rulebook:
+def compile_document(doc: Mapping[str, Any], *, path: Path, content_hash: str, mode: str = "default") -> Rulebook:
     where = str(path)
     for key in ("id", "version", "rules", "facts", "outputs"):
         if key not in doc:
@@ -123,6 +127,11 @@ def compile_document(doc: Mapping[str, Any], *, path: Path, content_hash: str) -
     if not re.fullmatch(r"[a-z][a-z0-9-]*", rb_id):
         raise RulesError(f"ruleset id {rb_id!r} must be lower-case letters, digits and '-'", source=where)
     params = dict(doc.get("params") or {})
+    modes = doc.get("modes") or {"default": {"params": {}}}
+    if mode not in modes:
+        raise RulesError(f"unknown boundary mode {mode!r}; the rule file defines {sorted(modes)}", source=where)
+    params.update((modes[mode] or {}).get("params") or {})
+    params["boundary_mode"] = mode
     citations = {str(k): str(v) for k, v in (doc.get("citations") or {}).items()}
     base_facts = {str(t): dict((spec or {}).get("fields") or {}) for t, spec in doc["facts"].items()}
 
@@ -170,7 +179,8 @@ def compile_document(doc: Mapping[str, Any], *, path: Path, content_hash: str) -
         stages=stages,
         durable_definition=definition,
         fact_types=fact_types,
-        boundary_mode=str(params.get("boundary_mode", "default")),
+        boundary_mode=mode,
+        modes=tuple(modes),
     )
 
 

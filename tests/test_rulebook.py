@@ -25,7 +25,7 @@ def _compile(doc: dict):
 
 def test_shipped_rulebook(assessor):
     rb = assessor.rulebook
-    assert rb.name == f"aibl-{rb.version}-{rb.content_hash}"
+    assert rb.name == f"aibl-{rb.version}-{rb.content_hash}-default"
     assert len(rb.content_hash) == 12
     ids = [r.id for r in rb.rules]
     assert len(ids) == len(set(ids))
