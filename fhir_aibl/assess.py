@@ -16,7 +16,7 @@ from typing import Any
 
 from .assessment import RISK_FACTOR_ORDER, Assessment, Finding, RulesetInfo, SelectedT
 from .engine import Derivation, Engine
-from .errors import EvaluationError
+from .errors import EvaluationError, RulesError
 from .facts import FactSet, extract_facts
 from .rulebook import Rulebook, load_rulebook
 from .terminology import Terminology
@@ -39,6 +39,8 @@ class Result:
 class Assessor:
     def __init__(self, rules_path: Path | None = None, valuesets_dir: Path | None = None, mode: str = "default"):
         rules_path = Path(rules_path or DEFAULT_RULES)
+        if not rules_path.is_file():
+            raise RulesError(f"rule file not found: {rules_path}")
         self.terminology = Terminology.load(valuesets_dir or rules_path.parent / "valuesets")
         # The content hash covers the rule file, the value sets and the clinician-facing
         # catalogue, so that any change to what a patient is told changes the ruleset name.

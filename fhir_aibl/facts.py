@@ -167,6 +167,8 @@ class _Extractor:
         age_months = months_between(when, self.as_of) if when is not None else None
         for code, holder in recognised:
             dxa = self.term.first("dxa", code)
+            if dxa is not None and not dxa.get("measure"):
+                continue  # a DXA study or panel code: its results are in the components
             if dxa is not None:
                 # An undated DXA is still read (the FHIR R4 example Observation-bmd has no
                 # date), without `age_months`: it can never be valid for B1, only shown.
@@ -186,9 +188,10 @@ class _Extractor:
                 self.add("condition", [ref], concept="family-hip-fracture", active=True)
 
     def _recognised(self, code: Any) -> bool:
-        return bool(
-            self.term.first("dxa", code) or self.term.first("observations", code) or self.term.first("conditions", code)
-        )
+        dxa = self.term.first("dxa", code)
+        if dxa is not None:
+            return bool(dxa.get("measure"))
+        return bool(self.term.first("observations", code) or self.term.first("conditions", code))
 
     def _number(self, holder: Mapping[str, Any], ref: str) -> tuple[float, str] | None:
         q = holder.get("valueQuantity")
@@ -205,7 +208,7 @@ class _Extractor:
         measure = concept.get("measure")
         site = concept.get("site")
         body = res.get("bodySite")
-        if site in ("FEMUR", "FA") and body:
+        if site in (None, "FEMUR", "FA") and body:
             # 38263-0 "Femur" covers the femoral neck and the total hip; bodySite tells them
             # apart. 38265-5 is forearm as LOINC defines it unless bodySite says otherwise.
             hit = self.term.first("body-sites", body)
@@ -218,6 +221,9 @@ class _Extractor:
                         break
             if props and props.get("site"):
                 site = props["site"]
+        if site is None:
+            self.problems.append(f"{ref}: DXA result whose code and bodySite name no site; not used")
+            return
         number = self._number(holder, ref)
         if number is None:
             return
