@@ -78,7 +78,7 @@ def build_assessment(
     findings: list[Finding] = []
     values: dict[str, list[str]] = {}
     for name, spec in outputs.items():
-        if name == "selected_t":
+        if name in ("selected_t", "selected_z"):
             continue
         codes = []
         for derived in derivation.of_type(spec["fact"]):
@@ -112,11 +112,13 @@ def build_assessment(
         raise EvaluationError(f"rules produced {len(found)} values for {name} ({', '.join(found) or 'none'})")
 
     selected = []
-    sel_spec = outputs.get("selected_t")
-    if sel_spec:
+    for score, sel_spec in (("T", outputs.get("selected_t")), ("Z", outputs.get("selected_z"))):
+        if not sel_spec:
+            continue
         for derived in derivation.of_type(sel_spec["fact"]):
             selected.append(
                 SelectedT(
+                    score=score,
                     site=str(derived.fact["site"]),
                     value=float(derived.fact["value"]),
                     evidence=tuple(derivation.evidence_for(derived.key)),

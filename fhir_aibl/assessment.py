@@ -66,8 +66,9 @@ class Finding(_Frozen):
 
 
 class SelectedT(_Frozen):
-    """The T-score rule B1 selected (lowest valid axial site, else forearm)."""
+    """The score rule B1 selected: the lowest valid axial T-score (else forearm), or Z-score where B1 uses Z."""
 
+    score: Literal["T", "Z"] = "T"
     site: str
     value: float
     evidence: tuple[str, ...]

@@ -101,10 +101,11 @@ def run_assessments(
 
 
 def format_table(assessments: Sequence[Assessment]) -> str:
-    headers = ("patient", "AI", "category", "T (site)", "risk factors", "recommendations", "flags")
+    headers = ("patient", "AI", "category", "T/Z (site)", "risk factors", "recommendations", "flags")
     rows = []
     for a in assessments:
-        t = f"{a.selected_t[0].value:+.1f} ({a.selected_t[0].site})" if a.selected_t else "-"
+        first = a.selected_t[0] if a.selected_t else None
+        t = f"{first.score} {first.value:+.1f} ({first.site})" if first else "-"
         rows.append(
             (
                 a.patient,

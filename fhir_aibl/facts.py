@@ -283,6 +283,12 @@ class _Extractor:
             key, fields = ("alcohol", measure), {"measure": measure, "value": round(converted, 2)}
         else:
             key, fields = ("lab", concept), {"concept": concept, "value": round(converted, 4), "age_months": age_months}
+            low = _reference_low(holder)
+            if low is not None:
+                low_value, low_unit = low[0], self.unit_aliases.get(low[1], low[1]) or unit
+                low_converted = self.convert(concept, low_value, low_unit)
+                if low_converted is not None:
+                    fields["_ref_low"] = low_converted
         self._latest[key] = max(self._latest.get(key, (dt.date.min, None, None)), (when, ref, fields), key=_when_key)
 
     def condition(self, res: Mapping[str, Any]) -> None:
@@ -356,7 +362,7 @@ class _Extractor:
         concept, coded_route = _best_concept(concepts)
         route = coded_route or _dosage_route(res)
         cls = concept.get("class")
-        if cls not in ("aromatase-inhibitor", "bisphosphonate", "denosumab", "glucocorticoid"):
+        if cls not in ("aromatase-inhibitor", "bisphosphonate", "denosumab", "glucocorticoid", "testosterone", "gnrh-agonist"):
             return
         ref = reference_of(res)
         if rtype == "MedicationAdministration":
@@ -371,6 +377,8 @@ class _Extractor:
         future = start is not None and start > self.as_of
         if cls == "aromatase-inhibitor":
             self.add("ai_med", [ref], ingredient=concept.get("ingredient"), status=status, ended=ended, future_start=future)
+        elif cls in ("testosterone", "gnrh-agonist"):
+            self.add("hormone_med", [ref], **{"class": cls}, status=status, ended=ended)
         elif cls in ("bisphosphonate", "denosumab"):
             self.add(
                 "antiresorptive",
@@ -496,7 +504,50 @@ class _Extractor:
 
     def flush_latest(self) -> None:
         for key, (_when, ref, fields) in sorted(self._latest.items(), key=lambda kv: str(kv[0])):
-            self.add(key[0], [ref], **fields)
+            self.add(key[0], [ref], **{k: v for k, v in fields.items() if not k.startswith("_")})
+
+    def derived_measurements(self, patient_refs: list[str]) -> None:
+        """Creatinine clearance and albumin-corrected calcium: the quantities the drug labels use.
+
+        Arithmetic on the latest results, no thresholds: the gates are rules (K1).
+        """
+        latest = {key[1]: value for key, value in self._latest.items() if key[0] == "lab"}
+        creatinine, weight = latest.get("creatinine"), latest.get("body-weight")
+        age = age_in_years(self.birth, self.as_of) if self.birth else None
+        if creatinine and weight and age is not None and creatinine[2]["value"] > 0:
+            # Cockcroft-Gault (CLINICAL.md 2.5: the labels use CrCl): (140 - age) x kg / (72 x mg/dL),
+            # x 0.85 for women. Sex unknown takes the lower (female) value: missing data must not
+            # make a drug look safer.
+            crcl = (140 - age) * weight[2]["value"] / (72 * creatinine[2]["value"])
+            if self.sex != "male":
+                crcl *= 0.85
+            self.add(
+                "renal",
+                [creatinine[1], weight[1], *patient_refs],
+                crcl=round(crcl, 1),
+                age_months=max(creatinine[2]["age_months"], weight[2]["age_months"]),
+            )
+        calcium = latest.get("calcium")
+        if calcium:
+            value, refs, corrected = calcium[2]["value"], [calcium[1]], False
+            albumin = latest.get("albumin")
+            if albumin:
+                # Payne: corrected Ca (mg/dL) = Ca + 0.8 x (4.0 - albumin g/dL)
+                value = value + 0.8 * (4.0 - albumin[2]["value"])
+                refs.append(albumin[1])
+                corrected = True
+            fields = {"value": round(value, 2), "corrected": corrected, "age_months": calcium[2]["age_months"]}
+            if "_ref_low" in calcium[2]:
+                fields["below_reference"] = value < calcium[2]["_ref_low"]
+            self.add("calcium_status", refs, **fields)
+
+
+def _reference_low(holder: Mapping[str, Any]) -> tuple[float, str] | None:
+    for rng in holder.get("referenceRange") or []:
+        low = (rng or {}).get("low") or {}
+        if isinstance(low.get("value"), (int, float)):
+            return float(low["value"]), str(low.get("code") or low.get("unit") or "")
+    return None
 
 
 def _when_key(item: tuple) -> tuple:
@@ -558,6 +609,7 @@ def extract_facts(patient_ref: str, resources: Iterable[Mapping[str, Any]], as_o
         elif rtype in ("MedicationStatement", "MedicationRequest", "MedicationAdministration"):
             ex.medication(res, steroid_spans)
     ex.flush_latest()
+    ex.derived_measurements([f["refs"][0] for f in ex.facts if f["t"] == "patient"])
     ex.bmd_changes(dxa_rows)
     ex.steroid_exposure(steroid_spans)
     return FactSet(patient=patient_ref, as_of=as_of, facts=ex.facts, problems=ex.problems)

@@ -14,7 +14,7 @@ from fhir_aibl.cli import main
 from .conftest import FIXTURES
 
 EXPECTED = json.loads((FIXTURES / "expected.json").read_text())
-IN_SCOPE = sorted(v for v, e in EXPECTED.items() if e["scope"] == "issue-2")
+IN_SCOPE = sorted(EXPECTED)  # V01-V52: issue 2 (V01-V38, V48-V52) and issue 3 (V39-V47)
 
 
 def _assess_json(capsys, *paths: str) -> list[dict]:
@@ -69,3 +69,22 @@ def test_console_script_runs():
     assert proc.returncode == 0, proc.stderr
     [result] = json.loads(proc.stdout)
     assert result["category"] == "high"
+
+
+# Where boundary_mode=hadji differs (CLINICAL.md G3): T = -1.5 exactly with no risk factor is LOW.
+HADJI_DIFFERS = {
+    "V03": {"category": "low", "recommendations": ["ca-vitd", "dxa-24m", "exercise"], "flags": []},
+}
+
+
+def test_hadji_mode(capsys):
+    code = main(["assess", str(FIXTURES / "bundles"), "--as-of", "2026-06-01", "--format", "json", "--mode", "hadji", "--explain"])
+    results = json.loads(capsys.readouterr().out)
+    assert code == 0
+    for r in results:
+        vector = r["patient"].split("/")[1].upper()
+        want = {**EXPECTED[vector], **HADJI_DIFFERS.get(vector, {})}
+        assert r["ruleset"]["boundary_mode"] == "hadji" and r["ruleset"]["name"].endswith("-hadji")
+        assert r["category"] == want["category"], vector
+        assert sorted(r["recommendations"]) == want["recommendations"], vector
+        assert sorted(r["flags"]) == want["flags"], vector
