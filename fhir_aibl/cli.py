@@ -57,6 +57,15 @@ def _parser() -> argparse.ArgumentParser:
         "--explain", action="store_true", help="json: add as_of, ruleset and the rules and evidence of every finding"
     )
 
+    rules = sub.add_parser("rules", help="review the ruleset as a whole")
+    rules_sub = rules.add_subparsers(dest="rules_command", required=True)
+    check = rules_sub.add_parser("check", help="enumerate the decision space; exit 1 on a hole, a conflict or a dead rule")
+    check.add_argument("--rules", type=Path, default=None, help="rule file (default: rules/aibl.yaml)")
+    check.add_argument("--mode", action="append", default=None, help="boundary mode to check (default: every mode)")
+    doc = rules_sub.add_parser("doc", help="write the ruleset as Markdown and HTML for a clinical reviewer")
+    doc.add_argument("--rules", type=Path, default=None, help="rule file (default: rules/aibl.yaml)")
+    doc.add_argument("--out", type=Path, default=PROJECT_DIR / "docs", help="output folder (default: docs/)")
+
     demo = sub.add_parser("demo", help="assess the built-in examples and the real records in ../shared/data")
     demo.add_argument("--as-of", type=_date, default=dt.date(2026, 6, 1), help="reference date (default: 2026-06-01, that of the worked examples)")
     demo.add_argument("--out", type=Path, default=Path("out/demo"), help="where to write the FHIR output")
@@ -179,11 +188,30 @@ def _demo_command(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _rules_command(args: argparse.Namespace) -> int:
+    from .rulecheck import check, format_report
+    from .ruledoc import write_docs
+
+    if args.rules_command == "doc":
+        md, html_path = write_docs(Assessor(args.rules), args.out)
+        print(f"wrote {md} and {html_path}")
+        return 0
+    modes = args.mode or list(Assessor(args.rules).rulebook.modes)
+    failed = False
+    for mode in modes:
+        report = check(Assessor(args.rules, mode=mode))
+        print(format_report(report))
+        failed |= not report.ok
+    return 1 if failed else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "assess":
             return _assess_command(args)
+        if args.command == "rules":
+            return _rules_command(args)
         return _demo_command(args)
     except AiblError as exc:  # rules that do not load, and the like: nothing can run
         _err(f"fatal: {exc}")

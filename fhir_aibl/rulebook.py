@@ -81,6 +81,10 @@ class Rulebook:
     fact_types: frozenset[str] = frozenset()
     boundary_mode: str = "default"
     modes: tuple[str, ...] = ("default",)
+    #: whole-ruleset checks for `fhir-aibl rules check` (exclusive groups, requirements)
+    checks: Mapping[str, Any] = field(default_factory=dict)
+    #: the rule file's `modes` section: each mode's note and the params it replaces
+    modes_spec: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -181,6 +185,8 @@ def compile_document(doc: Mapping[str, Any], *, path: Path, content_hash: str, m
         fact_types=fact_types,
         boundary_mode=mode,
         modes=tuple(modes),
+        checks=dict(doc.get("checks") or {}),
+        modes_spec=dict(modes),
     )
 
 

@@ -111,7 +111,25 @@ class Terminology:
             if vs.id in valuesets:
                 raise RulesError(f"{path}: value set id {vs.id!r} already defined in {valuesets[vs.id].path}")
             valuesets[vs.id] = vs
+        cls._check_unverified(valuesets, aliases)
         return cls(valuesets, aliases, digest.hexdigest())
+
+    @staticmethod
+    def _check_unverified(valuesets: dict[str, ValueSet], aliases: dict[str, str]) -> None:
+        """A code the specification marks UNVERIFIED is used only as UNVERIFIED (unverified.yaml)."""
+        listed = valuesets.get("unverified")
+        if listed is None:
+            return
+        for entry in listed.data.get("codes") or []:
+            system = aliases.get(entry["system"], entry["system"])
+            code = _norm_code(system, str(entry["code"]))
+            for vs in valuesets.values():
+                for concept in list(vs.exact.values()) + vs.prefixes:
+                    if concept.system == system and concept.code == code and concept.status != "UNVERIFIED":
+                        raise RulesError(
+                            f"{vs.path}: {code} is marked UNVERIFIED in the specification ({entry.get('where')}) "
+                            f"but listed as {concept.status}"
+                        )
 
     @staticmethod
     def _build(path: Path, doc: dict, aliases: dict[str, str]) -> ValueSet:

@@ -1,0 +1,258 @@
+"""`fhir-aibl rules check`: the ruleset reviewed as a whole, by enumerating the decision space.
+
+Every combination of eligibility x T-score band x risk-factor count x fracture x DXA status x
+therapy (and, around a base case, every population, laboratory and data-hygiene variant) is
+evaluated by the real engine, and each result is held to the checks the rule file declares
+under `checks:` plus these, which no rule file can switch off:
+
+- exactly one `ai_status` and one `category` (a hole, or two rules that disagree, raises);
+- a patient on, starting or stopping an aromatase inhibitor gets a non-empty recommendation
+  set; one not on an aromatase inhibitor gets `not-applicable`;
+- no two recommendations of an `exclusive` group together (two drugs, two DXA intervals:
+  rules in conflict), every `requires` satisfied (a start never without `ci-check`);
+- missing, stale or BMD-only DXA never gives `low`;
+- every rule fires in at least one combination (a rule that cannot fire is dead or mis-staged).
+
+The first failures are reported with the combination that shows them, so a reviewer can see
+the hole; the command exits non-zero.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from .assess import Assessor, build_assessment
+from .errors import AiblError
+
+AS_OF = dt.date(2026, 6, 1)
+
+ELIGIBILITY = {
+    "active": [("ai_med", {"status": "active", "ended": False, "future_start": False})],
+    "active-ended": [("ai_med", {"status": "active", "ended": True, "future_start": False})],
+    "active-future": [("ai_med", {"status": "active", "ended": False, "future_start": True})],
+    "on-hold": [("ai_med", {"status": "on-hold", "ended": False, "future_start": False})],
+    "planned": [("ai_med", {"status": "intended", "ended": False, "future_start": True})],
+    "stopped": [("ai_med", {"status": "completed", "ended": True, "future_start": False})],
+    "none": [],
+}
+T_BANDS = {
+    "T -3.0": -3.0, "T -2.5": -2.5, "T -2.1": -2.1, "T -2.0": -2.0, "T -1.8": -1.8,
+    "T -1.5": -1.5, "T -1.4": -1.4, "T 0.5": 0.5,
+}
+DXA_STATUS = {
+    "valid-axial": lambda t: [("dxa", {"measure": "T", "site": "LS", "value": t, "age_months": 3.0})],
+    "forearm-only": lambda t: [("dxa", {"measure": "T", "site": "FA", "value": t, "age_months": 3.0})],
+    "stale": lambda t: [("dxa", {"measure": "T", "site": "TH", "value": t, "age_months": 30.0})],
+    "bmd-only": lambda t: [("dxa", {"measure": "BMD", "site": "LS", "value": 0.9, "age_months": 3.0})],
+    "undated": lambda t: [("dxa", {"measure": "T", "site": "FN", "value": t})],
+    "none": lambda t: [],
+}
+RISK_FACTORS = [
+    ("smoking", {"status": "current", "source": "observation"}),
+    ("bmi", {"value": 18.0, "age_months": 2.0}),
+    ("glucocorticoid", {"months": 8.0}),
+    ("family_history", {"parent": True, "concept": "hip-fracture"}),
+]
+FRACTURE = {
+    "none": [],
+    "fragility": [("fracture", {"site": "vertebral", "fragility": True, "marker": False, "possible_fragility_code": False, "age_at": 55})],
+    "possible-hip": [("fracture", {"site": "hip", "fragility": False, "marker": False, "possible_fragility_code": True, "age_at": 60})],
+}
+THERAPY = {
+    "none": [],
+    "oral-bp": [("antiresorptive", {"ingredient": "alendronate", "class": "bisphosphonate", "route": "oral", "status": "active", "ended": False})],
+    "denosumab": [("antiresorptive", {"ingredient": "denosumab", "class": "denosumab", "route": "sc", "status": "active", "ended": False})],
+    "denosumab-stopped": [("antiresorptive", {"ingredient": "denosumab", "class": "denosumab", "route": "sc", "status": "stopped", "ended": True})],
+}
+NORMAL_LABS = [
+    ("renal", {"crcl": 80.0, "age_months": 2.0}),
+    ("lab", {"concept": "egfr", "value": 80.0, "age_months": 2.0}),
+    ("calcium_status", {"value": 9.4, "corrected": False, "age_months": 2.0}),
+    ("lab", {"concept": "vitamin-d-25oh", "value": 32.0, "age_months": 2.0}),
+]
+# A variant may take one of the normal results away, so that the one it adds stands alone.
+DROP_EGFR = ("$drop", {"t": "lab", "concept": "egfr"})
+DROP_RENAL = ("$drop", {"t": "renal"})
+DROP_VITAMIN_D = ("$drop", {"t": "lab", "concept": "vitamin-d-25oh"})
+# Variants around a base case (active, T -2.2, no RF): each is one clinical situation.
+VARIANTS = {
+    "rapid-loss-LS": [("bmd_change", {"site": "LS", "days": 365, "pct_per_year": -6.0, "abs_change": -0.06, "latest_age_months": 3.0})],
+    "rapid-loss-TH": [("bmd_change", {"site": "TH", "days": 365, "pct_per_year": -6.0, "abs_change": -0.05, "latest_age_months": 3.0})],
+    "slow-loss": [("bmd_change", {"site": "LS", "days": 365, "pct_per_year": -3.0, "abs_change": -0.03, "latest_age_months": 3.0})],
+    "alcohol-units": [("alcohol", {"measure": "units-per-day", "value": 4.0})],
+    "auditc-positive": [("alcohol", {"measure": "audit-c", "value": 5.0})],
+    "rheumatoid-arthritis": [("condition", {"concept": "rheumatoid-arthritis", "active": True})],
+    "premature-menopause": [("condition", {"concept": "premature-menopause", "active": False})],
+    "hypogonadism": [("condition", {"concept": "hypogonadism", "active": True})],
+    "family-finding": [("condition", {"concept": "family-hip-fracture", "active": True})],
+    "breast-cancer": [("condition", {"concept": "breast-cancer", "active": True})],
+    "fracture-age-unknown": [("fracture", {"site": "wrist", "fragility": True, "marker": False, "possible_fragility_code": False})],
+    "fracture-mechanism": [("fracture", {"site": "hip", "fragility": False, "marker": True, "possible_fragility_code": True, "age_at": 45})],
+    "excluded-resource": [("excluded", {"resource": "Observation", "reason": "status entered-in-error"})],
+    "d3-only": [("lab", {"concept": "vitamin-d3-25oh", "value": 28.0, "age_months": 2.0}), DROP_VITAMIN_D],
+    "btm": [("lab", {"concept": "ctx", "value": 900.0, "age_months": 2.0})],
+    "crcl-25": [("renal", {"crcl": 25.0, "age_months": 2.0}), ("lab", {"concept": "egfr", "value": 27.0, "age_months": 2.0})],
+    "crcl-32": [("renal", {"crcl": 32.0, "age_months": 2.0})],
+    "crcl-25-no-egfr": [("renal", {"crcl": 25.0, "age_months": 2.0}), DROP_EGFR],
+    "egfr-only-25": [("lab", {"concept": "egfr", "value": 25.0, "age_months": 2.0}), DROP_RENAL],
+    "egfr-only-33": [("lab", {"concept": "egfr", "value": 33.0, "age_months": 2.0}), DROP_RENAL],
+    "egfr-only-50": [("lab", {"concept": "egfr", "value": 50.0, "age_months": 2.0}), DROP_RENAL],
+    "hypocalcaemia-range": [("calcium_status", {"value": 8.6, "corrected": True, "below_reference": True, "age_months": 2.0})],
+    "hypocalcaemia-fallback": [("calcium_status", {"value": 8.1, "corrected": True, "age_months": 2.0})],
+    "vitamin-d-low": [("lab", {"concept": "vitamin-d-25oh", "value": 15.0, "age_months": 2.0})],
+    "dental": [("condition", {"concept": "dental", "active": True})],
+    "no-labs": None,  # the base case without the normal laboratory results
+    "dmab-recent-dose": [("antiresorptive", {"ingredient": "denosumab", "class": "denosumab", "route": "sc", "status": "administered", "ended": False, "months_since": 3.0})],
+    "dmab-overdue": [("antiresorptive", {"ingredient": "denosumab", "class": "denosumab", "route": "sc", "status": "administered", "ended": False, "months_since": 9.0})],
+    "za-recent-infusion": [("antiresorptive", {"ingredient": "zoledronic acid", "class": "bisphosphonate", "route": "iv", "status": "administered", "ended": False, "months_since": 5.0})],
+    "oral-bp-rapid-loss": [
+        ("antiresorptive", {"ingredient": "alendronate", "class": "bisphosphonate", "route": "oral", "status": "active", "ended": False}),
+        ("bmd_change", {"site": "LS", "days": 365, "pct_per_year": -6.0, "abs_change": -0.06, "latest_age_months": 3.0}),
+    ],
+}
+# Populations: (patient fact fields, extra facts, DXA measure used)
+POPULATIONS = {
+    "woman-58": ({"sex": "female", "age": 58}, [], "T"),
+    "woman-70": ({"sex": "female", "age": 70}, [], "T"),
+    "man-56-trt": ({"sex": "male", "age": 56}, [("hormone_med", {"class": "testosterone", "status": "active", "ended": False})], "T"),
+    "man-45-trt": ({"sex": "male", "age": 45}, [("hormone_med", {"class": "testosterone", "status": "active", "ended": False})], "Z"),
+    "woman-38-ofs": ({"sex": "female", "age": 38}, [("hormone_med", {"class": "gnrh-agonist", "status": "active", "ended": False})], "Z"),
+    "woman-44-oophorectomy": ({"sex": "female", "age": 44}, [("condition", {"concept": "ovarian-suppression", "active": False})], "Z"),
+    "sex-unknown": ({"sex": "unknown", "age": 60}, [("alcohol", {"measure": "audit-c", "value": 3.0})], "T"),
+    "man-60-auditc": ({"sex": "male", "age": 60}, [("alcohol", {"measure": "audit-c", "value": 4.0})], "T"),
+    "age-unknown": ({"sex": "female"}, [], "T"),
+    "man-45-trt-two-rf": (
+        {"sex": "male", "age": 45},
+        [("hormone_med", {"class": "testosterone", "status": "active", "ended": False}), *RISK_FACTORS[:2]],
+        "Z",
+    ),
+}
+
+
+@dataclass
+class Case:
+    name: str
+    facts: list[dict]
+    on_ai: bool
+    has_valid_dxa: bool
+
+
+@dataclass
+class CheckReport:
+    ruleset: str
+    cases: int = 0
+    failures: list[str] = field(default_factory=list)
+    never_fired: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures and not self.never_fired
+
+
+def synthetic_facts(items) -> list[dict]:
+    """Base facts from (type, fields) pairs, each with a synthetic reference."""
+    out = []
+    for i, (fact_type, fields) in enumerate(items):
+        out.append({"t": fact_type, **fields, "refs": [f"Synthetic/{fact_type}-{i}"]})
+    return out
+
+
+def enumerate_cases() -> Iterator[Case]:
+    # The core grid: eligibility x T band x RF count x fracture x DXA status x therapy.
+    for elig, band, n_rf, fx, dxa_status, therapy in itertools.product(
+        ELIGIBILITY, T_BANDS, range(len(RISK_FACTORS) + 1), FRACTURE, DXA_STATUS, THERAPY
+    ):
+        if dxa_status not in ("valid-axial", "forearm-only") and band != "T -3.0":
+            continue  # the band cannot matter without a valid T-score: one representative
+        items = [("patient", {"sex": "female", "age": 58})] + ELIGIBILITY[elig] + RISK_FACTORS[:n_rf]
+        items += FRACTURE[fx] + DXA_STATUS[dxa_status](T_BANDS[band]) + THERAPY[therapy] + NORMAL_LABS
+        yield Case(
+            f"{elig} | {band} | RF {n_rf} | fracture {fx} | DXA {dxa_status} | therapy {therapy}",
+            synthetic_facts(items),
+            on_ai=elig != "none",
+            has_valid_dxa=dxa_status in ("valid-axial", "forearm-only"),
+        )
+    # Variants and populations around base cases, for each eligibility.
+    for elig, (pop, (patient, extra, score)), band in itertools.product(ELIGIBILITY, POPULATIONS.items(), ("T -2.2", "T -1.0")):
+        value = -2.2 if band == "T -2.2" else -1.0
+        for dxa_present in (True, False):
+            dxa = [("dxa", {"measure": score, "site": "LS", "value": value, "age_months": 3.0})] if dxa_present else []
+            for variant, vfacts in VARIANTS.items():
+                vfacts = vfacts or []
+                drops = [fields for fact_type, fields in vfacts if fact_type == "$drop"]
+                labs = [] if variant == "no-labs" else [
+                    (t, f) for t, f in NORMAL_LABS
+                    if not any(d["t"] == t and d.get("concept", f.get("concept")) == f.get("concept") for d in drops)
+                ]
+                added = [(t, f) for t, f in vfacts if t != "$drop"]
+                items = [("patient", patient)] + ELIGIBILITY[elig] + extra + dxa + added + labs
+                yield Case(
+                    f"{elig} | {pop} | {score} {value} | DXA {'valid' if dxa_present else 'none'} | {variant}",
+                    synthetic_facts(items),
+                    on_ai=elig != "none",
+                    has_valid_dxa=dxa_present,
+                )
+
+
+def check(assessor: Assessor, *, max_failures: int = 20) -> CheckReport:
+    """Evaluate the whole decision space; stop early once `max_failures` holes are found."""
+    rulebook = assessor.rulebook
+    checks = rulebook.checks
+    exclusive = [set(group) for group in checks.get("exclusive", [])]
+    requires = {k: set(v) for k, v in (checks.get("requires") or {}).items()}
+    excludes = {k: set(v) for k, v in (checks.get("excludes") or {}).items()}
+    report = CheckReport(ruleset=rulebook.name)
+    fired: set[str] = set()
+
+    def fail(case: Case, message: str) -> None:
+        if len(report.failures) < max_failures:
+            report.failures.append(f"{case.name}: {message}")
+        elif len(report.failures) == max_failures:
+            report.failures.append("... (more failures not shown)")
+
+    for case in enumerate_cases():
+        if len(report.failures) > max_failures:
+            break
+        report.cases += 1
+        try:
+            derivation = assessor.engine.evaluate(case.facts)
+            fired.update(derivation.fired)
+            a = build_assessment("Patient/check", AS_OF, derivation, rulebook, assessor.ruleset_info)
+        except AiblError as exc:
+            fail(case, f"no single outcome: {exc.message}")
+            continue
+        recs = set(a.recommendations)
+        if case.on_ai and not recs:
+            fail(case, f"empty recommendation set (category {a.category})")
+        if not case.on_ai and a.category != "not-applicable":
+            fail(case, f"category {a.category} without an aromatase inhibitor")
+        if case.on_ai and a.ai_status in ("active", "planned") and a.category == "not-applicable":
+            fail(case, "not-applicable for a patient on or starting an aromatase inhibitor")
+        if a.category == "low" and not case.has_valid_dxa:
+            fail(case, "low without a valid DXA")
+        for group in exclusive:
+            both = recs & group
+            if len(both) > 1:
+                fail(case, f"conflicting recommendations {sorted(both)}")
+        for rec, needed in requires.items():
+            if rec in recs and not needed <= recs:
+                fail(case, f"{rec} without {sorted(needed - recs)}")
+        for rec, barred in excludes.items():
+            if rec in recs and recs & barred:
+                fail(case, f"{rec} together with {sorted(recs & barred)}")
+    if len(report.failures) <= max_failures:  # only a complete run can say a rule never fires
+        report.never_fired = sorted({r.id for r in rulebook.rules} - fired)
+    return report
+
+
+def format_report(report: CheckReport) -> str:
+    lines = [f"rules check: {report.ruleset}: {report.cases} combinations evaluated"]
+    for failure in report.failures:
+        lines.append(f"  HOLE: {failure}")
+    for rule_id in report.never_fired:
+        lines.append(f"  NEVER FIRES: {rule_id} (no combination of the decision space reaches it)")
+    lines.append("OK: one category and a non-empty, conflict-free recommendation set everywhere; every rule fires" if report.ok else "FAILED")
+    return "\n".join(lines)
