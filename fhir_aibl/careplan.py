@@ -381,11 +381,20 @@ def _activity(assessment: Assessment, code: str, entry: RecommendationEntry) -> 
     codings = [c.fhir() for c in entry.code]
     codings.append(Coding(system=RECOMMENDATION_SYSTEM, code=code, display=entry.title))
     reasons = [r for r in evidence if r.startswith(_REASON_TYPES)]
+    status = "not-started"
+    blocks = assessment.findings_of("blocked") if entry.kind == "medication" else []
+    if blocks:
+        # A safety gate never silently drops a drug: the activity says what is blocked, why,
+        # and what to do instead (the gate rule's text), and waits when every agent is held.
+        why = " ".join(dict.fromkeys(b.detail for b in blocks if b.detail))
+        description += f" Safety checks (K1): blocked {', '.join(b.code for b in blocks)}. {why}"
+        if any(b.code == "all-antiresorptives" for b in blocks):
+            status = "on-hold"
     detail = CarePlanActivityDetail(
         kind=DETAIL_KIND.get(entry.kind),
         code=CodeableConcept(coding=codings, text=entry.title),
-        status="not-started",
-        description=description,
+        status=status,
+        description=description.strip(),
         reasonReference=_refs(reasons),
         scheduledTiming=entry.timing.fhir() if entry.timing else None,
         **_product(entry),
