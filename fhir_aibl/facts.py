@@ -527,6 +527,16 @@ class _Extractor:
                 crcl=round(crcl, 1),
                 age_months=max(creatinine[2]["age_months"], weight[2]["age_months"]),
             )
+        height = latest.get("body-height")
+        if ("bmi",) not in self._latest and weight and height and height[2]["value"] > 0:
+            # No BMI recorded: weight / height^2 from the latest of each (kg, cm), so that a
+            # low BMI is not missed where a system records only the vitals it measures.
+            bmi = weight[2]["value"] / (height[2]["value"] / 100.0) ** 2
+            if 8.0 <= bmi <= 80.0:
+                self.add(
+                    "bmi", [weight[1], height[1]], value=round(bmi, 2),
+                    age_months=max(weight[2]["age_months"], height[2]["age_months"]),
+                )
         calcium = latest.get("calcium")
         if calcium:
             value, refs, corrected = calcium[2]["value"], [calcium[1]], False

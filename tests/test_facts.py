@@ -859,3 +859,13 @@ def test_site_less_bmd_code_takes_its_site_from_body_site(facts):
 def test_site_less_bmd_code_without_body_site_gives_no_site_none_fact(facts):
     fs = facts(obs("x", "46383-6", 0.9, "g/cm2"))
     assert all(d["site"] is not None for d in fs.of_type("dxa"))
+
+
+def test_bmi_from_weight_and_height_when_no_bmi_is_recorded(facts):
+    weight = obs("w", "29463-7", 50.0, "kg")
+    height = obs("h", "8302-2", 165.0, "cm")
+    [bmi] = facts(weight, height).of_type("bmi")
+    assert bmi["value"] == pytest.approx(18.37, abs=0.01)
+    assert bmi["refs"] == ["Observation/h", "Observation/w"]
+    # a recorded BMI wins
+    assert [b["value"] for b in facts(weight, height, obs("b", "39156-5", 26.0, "kg/m2")).of_type("bmi")] == [26.0]
