@@ -1,6 +1,9 @@
 """The `fhir-aibl` command.
 
-    fhir-aibl assess PATH... [--as-of DATE] [--format table|json|fhir] [--rules FILE] [--explain]
+    fhir-aibl assess PATH... [--as-of DATE] [--format table|json|fhir] [--rules FILE] [--mode M] [--explain]
+    fhir-aibl run --fhir-base URL (--patient ID ... | --all) [--write-back] ...   (fhir_aibl/fhir/command.py)
+    fhir-aibl serve [--host 127.0.0.1] [--port 8080] [--config FILE]              (fhir_aibl/cds/command.py)
+    fhir-aibl rules check|doc
     fhir-aibl demo [--as-of DATE] [--out DIR]
 
 Exit status: 0 when every input was used; 1 when some input was rejected (each rejection
@@ -65,6 +68,14 @@ def _parser() -> argparse.ArgumentParser:
     doc = rules_sub.add_parser("doc", help="write the ruleset as Markdown and HTML for a clinical reviewer")
     doc.add_argument("--rules", type=Path, default=None, help="rule file (default: rules/aibl.yaml)")
     doc.add_argument("--out", type=Path, default=PROJECT_DIR / "docs", help="output folder (default: docs/)")
+
+    from .cds import command as cds_command
+    from .fhir import command as fhir_command
+
+    run = sub.add_parser("run", help="assess patients on a FHIR server, optionally writing CarePlans back")
+    fhir_command.add_arguments(run)
+    serve = sub.add_parser("serve", help="serve AIBL decision support to EHRs as a CDS Hooks 2.0 service")
+    cds_command.add_arguments(serve)
 
     demo = sub.add_parser("demo", help="assess the built-in examples and the real records in ../shared/data")
     demo.add_argument("--as-of", type=_date, default=dt.date(2026, 6, 1), help="reference date (default: 2026-06-01, that of the worked examples)")
@@ -212,6 +223,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _assess_command(args)
         if args.command == "rules":
             return _rules_command(args)
+        if args.command == "run":
+            from .fhir import command as fhir_command
+
+            return fhir_command.run(args)
+        if args.command == "serve":
+            from .cds import command as cds_command
+
+            return cds_command.run(args)
         return _demo_command(args)
     except AiblError as exc:  # rules that do not load, and the like: nothing can run
         _err(f"fatal: {exc}")
