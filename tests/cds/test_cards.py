@@ -1,0 +1,265 @@
+"""Cards: contents, suggestions (valid FHIR R4), safety blocks and the critical indicator."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+import yaml
+from fhir.resources.R4B import get_fhir_model_class
+
+from fhir_aibl.cds.cards import SUMMARY_MAX, _summary
+from fhir_aibl.cds.safety import DEFAULT_TABLE, load_safety_table
+from fhir_aibl.cds.samples import draft_medication_request, order_select_request, patient_view_request
+from fhir_aibl.errors import RulesError
+
+from ..conftest import ROOT
+from .conftest import OS, PV, bundle
+
+BLOCK_ZA = """
+blocks:
+  - id: TEST-BLOCK-ZA
+    when: [{kind: recommendation, code: ci-check}]
+    blocks: {ingredients: [zoledronic-acid]}
+    reason: Test block of zoledronic acid.
+"""
+BLOCK_ALL = """
+blocks:
+  - id: TEST-BLOCK-ALL
+    when: [{kind: recommendation, code: ci-check}]
+    blocks: {classes: [bisphosphonate, denosumab]}
+    reason: Test block of every antiresorptive.
+"""
+
+
+def _table(tmp_path, text: str) -> str:
+    path = tmp_path / "safety.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def suggestion_resources(card: dict) -> list[dict]:
+    return [a["resource"] for s in card.get("suggestions", []) for a in s["actions"] if "resource" in a]
+
+
+def by_kind(cards: list[dict]) -> dict[str, dict]:
+    out = {}
+    for card in cards:
+        if card["indicator"] == "critical":
+            out["safety"] = card
+        elif card["selectionBehavior"] == "at-most-one":
+            out["treatment"] = card
+        else:
+            out["assessment"] = card
+    return out
+
+
+def test_high_risk_card_contents(make_app):
+    cards = by_kind(make_app().hook(PV, patient_view_request(bundle("V06"))).json()["cards"])
+    main = cards["assessment"]
+    detail = main["detail"]
+    assert "High risk" in detail and "age over 65" in detail and "smoking" in detail
+    assert "T-score used:** -1.6 at the lumbar spine" in detail
+    for rule in ("C-HIGH-2", "RF-AGE", "RF-SMOKING", "REC-HIGH-POTENT-AR"):
+        assert rule in detail
+    assert "`Observation/v06-dxa-ls/_history/1`" in detail
+    assert "aibl-1.0.0-" in detail  # the ruleset
+    assert main["source"]["label"] and main["source"]["topic"]["code"] == "aibl"
+    assert any("10.1016/j.jbo.2017.03.001" in link["url"] for link in main["links"])
+    # Plan + DXA on the assessment card; the drugs on the treatment card, one at most.
+    types = [r["resourceType"] for r in suggestion_resources(main)]
+    assert types == ["RiskAssessment", "CarePlan", "ServiceRequest"]
+    treatment = cards["treatment"]
+    drugs = [r["medicationCodeableConcept"]["coding"][0]["code"] for r in suggestion_resources(treatment)]
+    assert drugs == ["993449", "77655"]  # denosumab, zoledronic acid
+    assert all("contraindication check" in s["label"] for s in treatment["suggestions"])
+
+
+@pytest.mark.parametrize("case", ["V06", "V04", "V20", "V41", "V49", "V29", "V30"])
+def test_every_suggested_resource_is_valid_fhir_r4(make_app, case):
+    for card in make_app().hook(PV, patient_view_request(bundle(case))).json()["cards"]:
+        for resource in suggestion_resources(card):
+            get_fhir_model_class(resource["resourceType"]).model_validate(resource)
+            assert resource["subject"]["reference"] == f"Patient/{case.lower()}"
+            if resource["resourceType"] in ("ServiceRequest", "MedicationRequest"):
+                assert resource["status"] == "draft"
+                assert "Rules:" in resource["note"][0]["text"]
+
+
+def test_dxa_timing_follows_the_catalogue(make_app):
+    harness = make_app()
+    now = [r for c in harness.hook(PV, patient_view_request(bundle("V20"))).json()["cards"] for r in suggestion_resources(c) if r["resourceType"] == "ServiceRequest"]
+    assert now[0]["occurrenceDateTime"] == "2026-06-01" and now[0]["code"]["coding"][0]["code"] == "312681000"
+    later = [r for c in harness.hook(PV, patient_view_request(bundle("V04"))).json()["cards"] for r in suggestion_resources(c) if r["resourceType"] == "ServiceRequest"]
+    assert later[0]["occurrencePeriod"] == {"start": "2027-06-01", "end": "2028-06-01"}
+
+
+def test_no_drug_is_suggested_to_a_patient_already_on_one(make_app):
+    cards = make_app().hook(PV, patient_view_request(bundle("V29"))).json()["cards"]
+    assert len(cards) == 1
+    assert not [r for r in suggestion_resources(cards[0]) if r["resourceType"] == "MedicationRequest"]
+
+
+def test_the_careplan_suggestion_has_no_dangling_reference(make_app):
+    cards = make_app().hook(PV, patient_view_request(bundle("V06"))).json()["cards"]
+    plan = next(r for r in suggestion_resources(cards[0]) if r["resourceType"] == "CarePlan")
+    assert all(not str(i.get("reference", "")).startswith("urn:uuid:") for i in plan["supportingInfo"])
+    assert plan["supportingInfo"][0]["identifier"]["system"] == "urn:fhir-aibl:careplan"
+
+
+def test_a_blocked_drug_is_never_suggested(make_app, tmp_path):
+    harness = make_app(safety=_table(tmp_path, BLOCK_ZA))
+    cards = by_kind(harness.hook(PV, patient_view_request(bundle("V06"))).json()["cards"])
+    drugs = [r["medicationCodeableConcept"]["coding"][0]["code"] for r in suggestion_resources(cards["treatment"])]
+    assert drugs == ["993449"]  # denosumab only
+    assert "zoledronic acid 4 mg is not offered" in cards["treatment"]["detail"]
+    assert "TEST-BLOCK-ZA" in cards["assessment"]["detail"]
+    assert "safety" not in cards  # patient-view never makes a critical card
+
+
+def test_no_treatment_card_when_every_drug_is_blocked(make_app, tmp_path):
+    harness = make_app(safety=_table(tmp_path, BLOCK_ALL))
+    cards = harness.hook(PV, patient_view_request(bundle("V06"))).json()["cards"]
+    assert len(cards) == 1
+    assert not [r for r in suggestion_resources(cards[0]) if r["resourceType"] == "MedicationRequest"]
+    assert "TEST-BLOCK-ALL" in cards[0]["detail"]
+
+
+def test_a_draft_order_for_a_blocked_drug_is_critical(make_app, tmp_path):
+    harness = make_app(safety=_table(tmp_path, BLOCK_ZA))
+    draft = draft_medication_request("v06", "77655", "zoledronic acid", request_id="za-1")
+    cards = harness.hook(OS, order_select_request(bundle("V06"), [draft])).json()["cards"]
+    critical = [c for c in cards if c["indicator"] == "critical"]
+    assert len(critical) == 1
+    card = critical[0]
+    assert "zoledronic acid" in card["summary"] and len(card["summary"]) <= SUMMARY_MAX
+    assert "TEST-BLOCK-ZA" in card["detail"] and "REC-HIGH-POTENT-AR" in card["detail"]
+    action = card["suggestions"][0]["actions"][0]
+    assert action == {"type": "delete", "description": "Remove the draft zoledronic acid order", "resourceId": "MedicationRequest/za-1"}
+    assert card["selectionBehavior"] == "any"
+    # An allowed drug in the draft is no safety problem.
+    ok = draft_medication_request("v06", "993449", "denosumab", request_id="dmab-1")
+    cards = harness.hook(OS, order_select_request(bundle("V06"), [ok])).json()["cards"]
+    assert all(c["indicator"] != "critical" for c in cards)
+
+
+def test_critical_only_for_a_safety_block(make_app):
+    """Without a block, even a high-risk patient with a drafted antiresorptive gets warning cards."""
+    draft = draft_medication_request("v06", "77655", "zoledronic acid")
+    cards = make_app().hook(OS, order_select_request(bundle("V06"), [draft])).json()["cards"]
+    assert cards and all(c["indicator"] == "warning" for c in cards)
+
+
+def test_a_blocked_draft_by_product_code_and_brand(make_app, tmp_path):
+    """A block on an ingredient catches the product and brand codes of that ingredient."""
+    harness = make_app(safety=_table(tmp_path, BLOCK_ALL))
+    draft = draft_medication_request("v06", "904431", "alendronic acid 70 MG Oral Tablet", request_id="aln")
+    cards = harness.hook(OS, order_select_request(bundle("V06"), [draft])).json()["cards"]
+    assert [c["indicator"] for c in cards].count("critical") == 1
+
+
+def test_summary_is_cut_to_140_characters():
+    assert _summary("x" * 200).endswith("…") and len(_summary("x" * 200)) == SUMMARY_MAX
+    assert _summary("short  text") == "short text"
+
+
+def test_the_shipped_safety_table_names_real_drugs_and_every_agent_the_rules_block(assessor):
+    table = load_safety_table(DEFAULT_TABLE)
+    concepts = list(assessor.terminology.valueset("medications").exact.values())
+    classes = {c.get("class") for c in concepts}
+    ingredients = {c.get("ingredient") for c in concepts}
+    for agent, drugs in table.agents.items():
+        assert set(drugs.classes) <= classes, agent
+        assert set(drugs.ingredients) <= ingredients, agent
+        assert drugs.classes or drugs.ingredients or drugs.codes, agent
+    # Every agent a rule can block is named in the table (else it would block everything).
+    rules = yaml.safe_load((ROOT / "rules" / "aibl.yaml").read_text())["rules"]
+    emitted = set()
+    for rule in rules:
+        asserts = rule.get("assert", [])
+        for fact in asserts if isinstance(asserts, list) else [asserts]:
+            if fact.get("t") == "blocked":
+                emitted.add(fact["agent"])
+    assert emitted and emitted <= set(table.agents), emitted - set(table.agents)
+
+
+# --------------------------------------------------------------------------- the rules' own gates (CLINICAL.md V43-V46)
+
+
+def drugs_offered(cards: dict) -> list[str]:
+    return [r["medicationCodeableConcept"]["text"] for r in suggestion_resources(cards["treatment"])] if "treatment" in cards else []
+
+
+def critical_for(harness, case: str, rxnorm: str, display: str, dose_mg: float | None = None) -> list[dict]:
+    draft = draft_medication_request(case.lower(), rxnorm, display, request_id="d1")
+    if dose_mg is not None:
+        draft["dosageInstruction"] = [{"doseAndRate": [{"doseQuantity": {"value": dose_mg, "unit": "mg", "system": "http://unitsofmeasure.org", "code": "mg"}}]}]
+    cards = harness.hook(OS, order_select_request(bundle(case), [draft])).json()["cards"]
+    return [c for c in cards if c["indicator"] == "critical"]
+
+
+def test_hypocalcaemia_blocks_every_antiresorptive(make_app):
+    """V45: corrected calcium 8.1 mg/dL."""
+    harness = make_app()
+    cards = by_kind(harness.hook(PV, patient_view_request(bundle("V45"))).json()["cards"])
+    assert "treatment" not in cards
+    assert "`all-antiresorptives`" in cards["assessment"]["detail"] and "Hypocalcaemia" in cards["assessment"]["detail"]
+    for rxnorm, name in (("993449", "denosumab"), ("77655", "zoledronic acid"), ("904431", "alendronate 70 mg"), ("73056", "risedronate")):
+        critical = critical_for(harness, "V45", rxnorm, name)
+        assert len(critical) == 1, name
+        assert "K1C-HYPOCALCAEMIA" in critical[0]["detail"] and "Observation/v45-ca" in critical[0]["detail"]
+    # Anastrozole itself is no antiresorptive: no safety card.
+    assert critical_for(harness, "V45", "199224", "anastrozole") == []
+
+
+def test_crcl_32_blocks_alendronate_and_reclast_not_zometa(make_app):
+    """V44: computed CrCl 32 mL/min."""
+    harness = make_app()
+    cards = by_kind(harness.hook(PV, patient_view_request(bundle("V44"))).json()["cards"])
+    assert drugs_offered(cards) == ["denosumab", "zoledronic acid"]  # ZA 4 mg stays, at a reduced dose
+    assert "za-dose-reduction" in cards["assessment"]["detail"]
+    assert critical_for(harness, "V44", "904431", "alendronate 70 mg")
+    assert critical_for(harness, "V44", "77655", "zoledronic acid", dose_mg=5)  # Reclast
+    assert not critical_for(harness, "V44", "77655", "zoledronic acid", dose_mg=3.0)  # Zometa, reduced
+    assert critical_for(harness, "V44", "77655", "zoledronic acid")  # strength unknown: safe side
+    assert not critical_for(harness, "V44", "73056", "risedronate")
+
+
+def test_egfr_28_leaves_no_drug_to_suggest(make_app):
+    """V43: eGFR 28: every bisphosphonate blocked, denosumab only after a CKD-MBD evaluation."""
+    harness = make_app()
+    cards = by_kind(harness.hook(PV, patient_view_request(bundle("V43"))).json()["cards"])
+    assert "treatment" not in cards
+    assert "`specialist`" in cards["assessment"]["detail"]
+    assert critical_for(harness, "V43", "993449", "denosumab")
+
+
+def test_low_vitamin_d_blocks_iv_zoledronic_acid_and_denosumab(make_app):
+    """V46: 25-OH vitamin D 15 ng/mL."""
+    harness = make_app()
+    cards = by_kind(harness.hook(PV, patient_view_request(bundle("V46"))).json()["cards"])
+    assert drugs_offered(cards) == []
+    assert critical_for(harness, "V46", "993449", "denosumab")
+    assert not critical_for(harness, "V46", "73056", "risedronate")
+
+
+def test_an_agent_the_table_does_not_know_blocks_every_antiresorptive(make_app, tmp_path):
+    harness = make_app(safety=_table(tmp_path, "agents: {}\n"))
+    cards = by_kind(harness.hook(PV, patient_view_request(bundle("V44"))).json()["cards"])
+    assert "treatment" not in cards
+    assert "does not name" in cards["assessment"]["detail"]
+    assert critical_for(harness, "V44", "73056", "risedronate")
+
+
+def test_a_bad_safety_table_is_refused(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("blocks:\n  - id: X\n    when: []\n    blocks: {}\n    reason: r\n")
+    with pytest.raises(RulesError, match="invalid safety table"):
+        load_safety_table(path)
+
+
+def test_as_of_defaults_to_today(make_app):
+    harness = make_app(as_of=None)
+    harness.clock[0] = dt.datetime(2027, 3, 4, 12, 0).timestamp()
+    cards = harness.hook(PV, patient_view_request(bundle("V06"))).json()["cards"]
+    assert "assessed as of 2027-03-04" in cards[0]["detail"]
