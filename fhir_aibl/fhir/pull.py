@@ -38,12 +38,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..careplan import IDENTIFIER_SYSTEM
+from ..sources import RELEVANT_TYPES
 from .client import FhirClient, SearchSpec, entry_status
 from .errors import ConfigError, CrossPatient, FhirError, NotSupported, ServerError, server_error
 
 log = logging.getLogger("fhir_aibl.fhir")
 
-#: The types the rules read, besides the Patient (sources.RELEVANT_TYPES).
+#: The types the rules read, besides the Patient, in the order a pull asks for them; the
+#: same set as the file source's (checked below, so the two never drift apart).
 PULL_TYPES = (
     "Observation",
     "MedicationStatement",
@@ -52,6 +54,7 @@ PULL_TYPES = (
     "Condition",
     "FamilyMemberHistory",
 )
+assert set(PULL_TYPES) == RELEVANT_TYPES - {"Patient"}, "pull and file source read different resource types"
 #: Statuses of a batch POST that mean "this server does not do batch here", not "this batch is wrong".
 _BATCH_REFUSED = frozenset({400, 404, 405, 415, 422, 501})
 _REF_RE = re.compile(
