@@ -1,10 +1,13 @@
 """Memory over many engine evaluations in one process: it must stay flat.
 
-    python bench/engine_memory.py [--evaluations 200000] [--every 20000]
+    python bench/engine_memory.py [--evaluations 200000] [--every 20000] [--pool simple|synthetic] [--json FILE]
 
-Evaluates varied fact sets (each its own durable_rules session, deleted after use) and prints
-resident memory at checkpoints, the evaluation rate, and the drift: RSS at the end minus RSS
-after the first checkpoint (warm-up), in MB. No timing is asserted anywhere; this is a measurement.
+Evaluates varied fact sets (each its own durable_rules session, deleted after use) and
+builds the Assessment of each, and prints resident memory at checkpoints, the evaluation
+rate, and the drift: RSS at the end minus RSS after the first checkpoint (warm-up), in MB.
+`--pool synthetic` takes the fact sets of synthetic patients (fhir_aibl/synth.py), which
+reach more rules than the small hand-made ones. bench/run.py runs it for a million
+evaluations ("drift"). No timing is asserted anywhere; this is a measurement.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fhir_aibl.assess import Assessor, build_assessment  # noqa: E402
 
@@ -52,10 +56,17 @@ def main() -> None:
     parser.add_argument("--evaluations", type=int, default=200_000)
     parser.add_argument("--every", type=int, default=20_000)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--pool", choices=("simple", "synthetic"), default="simple")
+    parser.add_argument("--patients", type=int, default=1000, help="fact sets in the pool (default: 1000)")
     args = parser.parse_args()
-    assessor = Assessor()
-    rng = random.Random(1)
-    pool = [fact_set(rng, i) for i in range(1000)]
+    if args.pool == "synthetic":
+        from workers import fact_pool  # bench/workers.py, beside this file
+
+        assessor, pool = fact_pool(args.patients, 1)
+    else:
+        assessor = Assessor()
+        rng = random.Random(1)
+        pool = [fact_set(rng, i) for i in range(args.patients)]
     checkpoints = []
     start = time.perf_counter()
     for n in range(1, args.evaluations + 1):
@@ -66,6 +77,7 @@ def main() -> None:
             print(json.dumps(checkpoints[-1]), flush=True)
     elapsed = time.perf_counter() - start
     summary = {
+        "pool": args.pool,
         "evaluations": args.evaluations,
         "evaluations_per_second": round(args.evaluations / elapsed),
         "rss_first_checkpoint_mb": checkpoints[0]["rss_mb"],

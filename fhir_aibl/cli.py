@@ -3,6 +3,7 @@
     fhir-aibl assess PATH... [--as-of DATE] [--format table|json|fhir] [--rules FILE] [--mode M] [--explain]
     fhir-aibl run --fhir-base URL (--patient ID ... | --all) [--write-back] ...   (fhir_aibl/fhir/command.py)
     fhir-aibl serve [--host 127.0.0.1] [--port 8080] [--config FILE]              (fhir_aibl/cds/command.py)
+    fhir-aibl synth --patients N --seed S --out DIR                                 (fhir_aibl/synth.py)
     fhir-aibl rules check|doc
     fhir-aibl demo [--as-of DATE] [--out DIR]
 
@@ -76,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     fhir_command.add_arguments(run)
     serve = sub.add_parser("serve", help="serve AIBL decision support to EHRs as a CDS Hooks 2.0 service")
     cds_command.add_arguments(serve)
+    from . import synth
+
+    synth.add_arguments(sub.add_parser("synth", help="write a synthetic population (Bulk Data NDJSON) for benchmarks"))
 
     demo = sub.add_parser("demo", help="assess the built-in examples and the real records in ../shared/data")
     demo.add_argument("--as-of", type=_date, default=dt.date(2026, 6, 1), help="reference date (default: 2026-06-01, that of the worked examples)")
@@ -231,6 +235,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .cds import command as cds_command
 
             return cds_command.run(args)
+        if args.command == "synth":
+            from . import synth
+
+            return synth.run(args)
         return _demo_command(args)
     except AiblError as exc:  # rules that do not load, and the like: nothing can run
         _err(f"fatal: {exc}")

@@ -17,21 +17,43 @@ What durable_rules needs, measured on our machines (DEVELOPERS.md), and how it i
 - Facts, not events (`assert_fact(s)`): an event is consumed by the first rule
   that matches it. Asserting an identical fact twice raises, so derived facts are
   de-duplicated here by their content before they are asserted.
-- An exception in an action is swallowed into the session state: actions record
-  their own errors, and the state is checked after every evaluation.
+- durable_rules swallows an exception in an action into the session state; here the
+  actions record their own errors, and every error fails the evaluation.
 - JSON rulesets: the engine deletes `run` from the dict it is given, so it gets a
   deep copy; a registered ruleset cannot be replaced, so its name carries version
   and content hash. Actions take one parameter (two would make them asynchronous).
+
+The hot path (issue 6, bench/run.py "engine"): durable_rules' Python layer costs more than
+its C engine. Per action it builds a Closure (two clock reads), serialises the session
+state with `json` and sends it back (`update_state`) although our actions never change
+it, and every message and fact goes through the pure-`json` module. So `evaluate` drives
+the C engine (`durable_rules_engine`, the extension module `durable.engine` wraps; pinned
+with durable_rules==2.0.28) itself, in the same order of calls as `Host.assert_fact(s)` ->
+`Ruleset.do_actions` -> `_flush_actions`: assert, start the session's queued actions, run
+each action, `complete_and_start_action`, `abandon_action` on failure. What it leaves out
+changes nothing an evaluation can see:
+- `update_state` and `get_state`: the session state is never written by our actions; an
+  action's exception is recorded in the evaluation context instead of the state, and
+  `evaluate` raises it as before;
+- `orjson` instead of `json` for messages (both parse JSON to the same Python values; any
+  value orjson would write differently, `null` for NaN, or cannot write, an integer beyond
+  64 bits, goes through `json` as before);
+- derived facts of a type no rule reads (`flag`, `audit`, ... : only the sinks match them)
+  are kept in the derivation but not sent to durable_rules, where they could change nothing.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import threading
+import traceback
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import durable_rules_engine as _durable_c
+import orjson
 from durable.engine import Host, MessageNotHandledException
 
 from .errors import EvaluationError
@@ -40,16 +62,15 @@ from .rulebook import STAGE_FACT, Rulebook, matched_aliases, render_assert
 _LOCK = threading.RLock()
 _HOST: "_Host | None" = None
 _REGISTERED: dict[str, Rulebook] = {}
-_CONTEXTS: dict[str, "_Context"] = {}
 _SID = itertools.count(1)
+
+
+_NOT_CONTENT = frozenset(("t", "id", "sid"))
 
 
 def fact_key(fact: Mapping[str, Any]) -> str:
     """The identity of a fact: its type and content. Two derivations of the same fact are one fact."""
-    parts = [str(fact["t"])]
-    for key in sorted(k for k in fact if k not in ("t", "id", "sid")):
-        parts.append(f"{key}={fact[key]!r}")
-    return "|".join(parts)
+    return "|".join([str(fact["t"])] + [f"{key}={fact[key]!r}" for key in sorted(fact) if key not in _NOT_CONTENT])
 
 
 @dataclass
@@ -110,6 +131,8 @@ class _Context:
     derived: dict[str, DerivedFact] = field(default_factory=dict)
     fired: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    #: what durable_rules' Promise would have written into the session state as `exception`
+    action_failure: str | None = None
 
 
 class _Host(Host):
@@ -117,45 +140,13 @@ class _Host(Host):
         return None
 
     def get_action(self, action_name: str):
-        if action_name == "$sink":
-            return _sink
-        return _make_action(action_name)
+        # durable's Ruleset wraps one callable per rule at registration; evaluations never
+        # run them (Engine._assert runs the actions), so reaching one is a bug, said loudly.
+        return _not_dispatched
 
 
-def _sink(c) -> None:  # never runs: the sink rules join a fact type that is never asserted
-    return None
-
-
-def _make_action(rule_id: str):
-    def action(c) -> None:
-        ctx = _CONTEXTS.get(c.s.sid)
-        if ctx is None:  # cannot happen under the lock; never guess whose facts these are
-            raise RuntimeError(f"no evaluation context for session {c.s.sid}")
-        try:
-            rule = ctx.rulebook.rule(rule_id)
-            matched = {}
-            parents = []
-            for alias, durable_alias in matched_aliases(rule):
-                content = getattr(c, durable_alias)
-                data = dict(content._d)
-                matched[alias] = data
-                parents.append(data["id"])
-            ctx.fired.append(rule_id)
-            for template in rule.asserts:
-                fact = render_assert(template, matched)
-                key = fact_key(fact)
-                known = ctx.derived.get(key)
-                if known is None:
-                    ctx.derived[key] = DerivedFact(key, fact, [(rule_id, tuple(parents))])
-                    c.assert_fact({**fact, "id": key, "sid": ctx.sid})
-                else:
-                    known.derivations.append((rule_id, tuple(parents)))
-        except MessageNotHandledException as exc:  # pragma: no cover - the sinks prevent it
-            ctx.errors.append(f"{rule_id}: {exc.message}")
-        except Exception as exc:  # recorded, and raised by evaluate(): never swallowed
-            ctx.errors.append(f"{rule_id}: {type(exc).__name__}: {exc}")
-
-    return action
+def _not_dispatched(c) -> None:
+    raise RuntimeError("durable_rules dispatched an action outside Engine.evaluate")
 
 
 def _host() -> _Host:
@@ -175,6 +166,39 @@ def _register(rulebook: Rulebook) -> None:
     _REGISTERED[rulebook.name] = rulebook
 
 
+def _dumps(value: Any) -> str:
+    """JSON for the C engine; what `json.dumps(value, ensure_ascii=False)` means, faster.
+
+    orjson writes NaN and infinities as `null` and refuses integers beyond 64 bits; `json`
+    writes the former as `NaN`/`Infinity`. Anything with a `null` in it (None, or such a
+    float) and anything orjson refuses is written by `json`, so the engine sees the same text
+    it always did where the two could differ.
+    """
+    try:
+        out = orjson.dumps(value)
+    except TypeError:
+        return json.dumps(value, ensure_ascii=False)
+    if b"null" in out:
+        return json.dumps(value, ensure_ascii=False)
+    return out.decode()
+
+
+def _loads(text: str) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:  # NaN, big integers: the json module reads them as before
+        return json.loads(text)
+
+
+@dataclass(frozen=True)
+class _RulePlan:
+    """What an action needs of its rule, looked up once per engine instead of once per firing."""
+
+    rule_id: str
+    aliases: tuple[tuple[str, str], ...]
+    asserts: tuple[Mapping[str, Any], ...]
+
+
 class Engine:
     """Evaluates facts with one rulebook. Safe to share between threads; evaluations are serialised."""
 
@@ -182,6 +206,16 @@ class Engine:
         self.rulebook = rulebook
         with _LOCK:
             _register(rulebook)
+            self._ruleset = _host().get_ruleset(rulebook.name)
+        self._plans = {
+            rule.id: _RulePlan(rule.id, tuple(matched_aliases(rule)), tuple(rule.asserts)) for rule in rulebook.rules
+        }
+        # Fact types some rule matches (in `when` or `unless`): only these can change what fires.
+        read: set[str] = set()
+        for rule in rulebook.rules:
+            read.update(str(p["t"]) for p in rule.when.values())
+            read.update(str(p["t"]) for p in rule.unless)
+        self._read_types = frozenset(read)
 
     def evaluate(self, facts: Iterable[Mapping[str, Any]]) -> Derivation:
         """Run every stage to quiescence on one patient's base facts.
@@ -191,38 +225,101 @@ class Engine:
         """
         base: dict[str, dict] = {}
         to_assert: list[dict] = []
+        fact_types = self.rulebook.fact_types
+        read_types = self._read_types
         for fact in facts:
             fields = {k: v for k, v in fact.items() if k != "refs"}
             key = fact_key(fields)
             if key in base:  # the same fact from two resources: one fact, both references
                 base[key]["refs"] = sorted(set(base[key].get("refs") or ()) | set(fact.get("refs") or ()))
                 continue
-            if fields["t"] not in self.rulebook.fact_types:
+            if fields["t"] not in fact_types:
                 continue  # a fact type this rulebook does not read
             base[key] = {**fields, "refs": list(fact.get("refs") or ())}
-            to_assert.append(fields | {"id": key})
-        name = self.rulebook.name
+            if fields["t"] in read_types:
+                to_assert.append(fields | {"id": key})
+        ruleset = self._ruleset
         with _LOCK:
             sid = f"e{next(_SID)}"
             ctx = _Context(self.rulebook, sid, base)
-            _CONTEXTS[sid] = ctx
-            host = _host()
             try:
                 if to_assert:
-                    host.assert_facts(name, [dict(f, sid=sid) for f in to_assert])
+                    batch = [dict(f, sid=sid) for f in to_assert]
+                    self._assert(ruleset, _durable_c.assert_facts, batch, ctx)
                 for stage in self.rulebook.stages:
-                    host.assert_fact(name, {"t": STAGE_FACT, "n": stage, "id": f"{STAGE_FACT}|{stage}", "sid": sid})
-                state = host.get_state(name, sid)
+                    marker = {"t": STAGE_FACT, "n": stage, "id": f"{STAGE_FACT}|{stage}", "sid": sid}
+                    self._assert(ruleset, _durable_c.assert_fact, marker, ctx)
             except Exception as exc:
                 raise EvaluationError(f"durable_rules failed: {type(exc).__name__}: {exc}") from exc
             finally:
-                _CONTEXTS.pop(sid, None)
                 try:
-                    host.delete_state(name, sid)
+                    _durable_c.delete_state(ruleset._handle, sid)
                 except Exception:  # pragma: no cover - nothing more can be done; state is per-sid
                     pass
         if ctx.errors:
             raise EvaluationError("; ".join(ctx.errors))
-        if isinstance(state, dict) and state.get("exception"):
-            raise EvaluationError(f"an action failed: {state['exception']}")
+        if ctx.action_failure:
+            raise EvaluationError(f"an action failed: {ctx.action_failure}")
         return Derivation(base=base, derived=ctx.derived, fired=ctx.fired)
+
+    # -- the C engine, driven the way durable.engine.Host drives it ---------------------------
+    def _assert(self, ruleset, c_call, message, ctx: _Context) -> None:
+        """`Host.assert_fact(s)` for one evaluation: assert, then run every action it queues."""
+        handle = ruleset._handle
+        state_handle = ruleset._handle_result(c_call(handle, _dumps(message)), message)
+        result = _durable_c.start_action_for_state(handle, state_handle)
+        if not result:
+            return
+        state = _loads(result[0])
+        container = _loads(result[1])
+        while True:
+            for action_name, matched in container.items():
+                break
+            self._run_action(ruleset, action_name, matched, state, ctx)
+            try:
+                following = _durable_c.complete_and_start_action(handle, state_handle)
+            except BaseException:
+                _durable_c.abandon_action(handle, state_handle)
+                raise
+            if not following:
+                return
+            container = _loads(following)
+
+    def _run_action(self, ruleset, action_name: str, matched: Mapping[str, Any], state: Mapping[str, Any], ctx: _Context) -> None:
+        plan = self._plans.get(action_name)
+        if plan is None:
+            return  # a sink: joins a fact type that is never asserted, so it never runs
+        try:
+            if state.get("sid") != ctx.sid:  # cannot happen under the lock; never guess whose facts these are
+                raise RuntimeError(f"no evaluation context for session {state.get('sid')}")
+            self._action(ruleset, plan, matched, ctx)
+        except BaseException as error:  # what durable's Promise.run records in the state
+            ctx.action_failure = "exception caught {0}, traceback {1}".format(
+                str(error), traceback.format_tb(error.__traceback__)
+            )
+
+    def _action(self, ruleset, plan: _RulePlan, message: Mapping[str, Any], ctx: _Context) -> None:
+        rule_id = plan.rule_id
+        try:
+            matched = {}
+            parents = []
+            for alias, durable_alias in plan.aliases:
+                data = dict(message[durable_alias])
+                matched[alias] = data
+                parents.append(data["id"])
+            ctx.fired.append(rule_id)
+            for template in plan.asserts:
+                fact = render_assert(template, matched)
+                key = fact_key(fact)
+                known = ctx.derived.get(key)
+                if known is None:
+                    ctx.derived[key] = DerivedFact(key, fact, [(rule_id, tuple(parents))])
+                    if fact["t"] in self._read_types:
+                        out = {**fact, "id": key, "sid": ctx.sid}
+                        ruleset._handle_result(_durable_c.assert_fact(ruleset._handle, _dumps(out)), out)
+                else:
+                    known.derivations.append((rule_id, tuple(parents)))
+        except MessageNotHandledException as exc:  # pragma: no cover - the sinks prevent it
+            ctx.errors.append(f"{rule_id}: {exc.message}")
+        except Exception as exc:  # recorded, and raised by evaluate(): never swallowed
+            ctx.errors.append(f"{rule_id}: {type(exc).__name__}: {exc}")

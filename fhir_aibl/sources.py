@@ -61,12 +61,51 @@ Errors never escape: unreadable paths, non-JSON, JSON that is not FHIR and inval
 resources all become `InputError`s in `ReadResult.problems` (or are yielded by
 `iter_records`), each with `.source` (the file, plus `:<line>` for NDJSON) and,
 where there is one, `.resource` (`Observation/123`, or `entry[4]` inside a Bundle).
+
+Memory: two passes, so that a Bulk export of any size reads in bounded memory
+---------------------------------------------------------------------------------
+A Bulk export puts a patient's Observations in one file and the Patient in another, so no
+record is complete before the last file is read. Holding every parsed resource until then
+grows with the export (about 3 kB of Python objects per resource: 100,000 patients of 150
+resources would be 45 GB). Instead:
+
+1. The first pass reads every file in order, as described above, and yields the reading
+   problems as it meets them. Of each relevant resource it keeps an index entry: its
+   patient, its place in read order and, for an NDJSON line, the file, offset, length and
+   CRC-32 of the line (the parsed line is dropped); a resource from a Bundle or a JSON file
+   is kept parsed (it may have been rewritten, see above). When the entries reach
+   `SPOOL_LIMIT` (a Bundle resource counts `INLINE_WEIGHT`), they are sorted by (patient,
+   read order) and spilled to a temporary file (a private `tempfile.mkdtemp` directory,
+   removed when the reader finishes or is closed), with the hash of each resource's
+   `Type/id` and of its patient in 64 partition files.
+2. Between the passes, the partitions show which `Type/id`s appear under two patients
+   (rare: a resource moved between patients); only those are decided globally, with the
+   same rule as within one patient (below).
+3. The second pass merges the sorted runs (at most 64 files at once; more are merged
+   first), so each patient's entries arrive together and in read order; it reads that
+   patient's NDJSON lines again (adjacent lines in one read), checks each line's CRC, and
+   builds, validates and yields the record. A line whose CRC no longer matches (the file
+   changed between the passes) is reported as an `InputError` and never used: offsets
+   into a changed file could point at another patient's data.
+
+So peak memory is bounded by `SPOOL_LIMIT` (about 100 MB of index at the default), the
+largest single JSON file and one patient's record, whatever the number of patients, and
+temporary disk use is about 100 bytes per NDJSON resource. An input that fits under the
+limit is never written to disk. The results are the same, in the same order, whatever the
+limit (tests/test_sources_streaming.py). The cost is parsing each NDJSON line twice.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import os
+import pickle
 import re
+import shutil
+import tempfile
+import zlib
+from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -92,7 +131,7 @@ except ImportError:  # pragma: no cover - exercised only where orjson is absent
     _loads = json.loads
     _JSON_ERRORS = (json.JSONDecodeError, UnicodeDecodeError, ValueError)
 
-__all__ = ["RELEVANT_TYPES", "PatientRecord", "ReadResult", "iter_records", "read_paths"]
+__all__ = ["RELEVANT_TYPES", "SPOOL_LIMIT", "PatientRecord", "ReadResult", "iter_records", "read_paths"]
 
 #: The resource types the facts and rules read; everything else is skipped unread.
 RELEVANT_TYPES = frozenset(
@@ -147,24 +186,33 @@ def read_paths(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str],
 
 
 def iter_records(
-    paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str], *, validate: bool = True
+    paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str],
+    *,
+    validate: bool = True,
+    spool_limit: int | None = None,
 ) -> Iterator[PatientRecord | InputError]:
     """Yield problems met while reading, then one `PatientRecord` per patient, sorted by patient_ref.
 
-    Memory: files are read one at a time (NDJSON one line at a time), and of each file only
-    the relevant resources are kept, so the peak is the relevant resources of all inputs held
-    once (no second copy: records share the parsed dicts) plus the largest single JSON file
-    while it is being read. Records cannot be yielded before the last file is read, because
-    a Bulk export puts a patient's Observations in a different file from the Patient; a
-    patient-partitioned streaming mode for very large exports is a later issue.
-    Validation runs lazily, record by record, as records are yielded; a record's validation
-    problems are yielded just before it.
+    Records cannot be yielded before the last file is read, because a Bulk export puts a
+    patient's Observations in a different file from the Patient. So reading is two passes
+    (see "Memory" in the module docstring): the first reads every file in order, yields the
+    reading problems and keeps only a small index entry per relevant resource, spilled to
+    sorted temporary files when there are many; the second merges those by patient and
+    builds one record at a time. Validation runs lazily, record by record, as records are
+    yielded; a record's validation problems are yielded just before it.
+
+    `spool_limit` is how much index to hold before spilling it to disk (default
+    `SPOOL_LIMIT`; an NDJSON line counts 1, a resource from a Bundle or JSON file, held
+    parsed, counts `INLINE_WEIGHT`). It changes memory and temporary disk use, never results.
     """
-    grouping = _Grouping()
-    for path in _expand(paths):
-        for problem in _read_file(path, grouping):
-            yield problem
-    yield from grouping.records(validate=validate)
+    spool = _Spool(SPOOL_LIMIT if spool_limit is None else spool_limit)
+    try:
+        for path in _expand(paths):
+            for problem in _read_file(path, spool):
+                yield problem
+        yield from spool.records(validate=validate)
+    finally:
+        spool.close()
 
 
 # --------------------------------------------------------------------------- paths and files
@@ -188,7 +236,7 @@ def _expand(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str]) ->
             yield path
 
 
-def _read_file(path: Path, grouping: _Grouping) -> Iterator[InputError]:
+def _read_file(path: Path, grouping: _Spool) -> Iterator[InputError]:
     source = str(path)
     if not path.exists():
         yield InputError("no such file or directory", source=source)
@@ -213,11 +261,15 @@ def _read_file(path: Path, grouping: _Grouping) -> Iterator[InputError]:
     yield from _read_object(obj, source, source, grouping)
 
 
-def _read_ndjson(path: Path, source: str, grouping: _Grouping) -> Iterator[InputError]:
+def _read_ndjson(path: Path, source: str, grouping: _Spool) -> Iterator[InputError]:
     with path.open("rb") as fh:
+        offset = 0
         for lineno, line in enumerate(fh, start=1):
+            start = offset
+            offset += len(line)
             if lineno == 1 and line.startswith(_BOM):
                 line = line[3:]
+                start += 3
             if not line.strip():
                 continue  # a trailing newline or blank separator line is not an error
             where = f"{source}:{lineno}"
@@ -226,10 +278,13 @@ def _read_ndjson(path: Path, source: str, grouping: _Grouping) -> Iterator[Input
             except _JSON_ERRORS as exc:
                 yield NotJsonError(f"line {lineno} is not JSON: {_first_line(exc)}", source=where)
                 continue
-            yield from _read_object(obj, where, source, grouping)
+            # Where the line is, so that the second pass reads it again instead of holding it.
+            yield from _read_object(obj, where, source, grouping, line=(lineno, start, len(line), zlib.crc32(line)))
 
 
-def _read_object(obj: Any, where: str, file: str, grouping: _Grouping) -> Iterator[InputError]:
+def _read_object(
+    obj: Any, where: str, file: str, grouping: _Spool, line: tuple[int, int, int, int] | None = None
+) -> Iterator[InputError]:
     if not isinstance(obj, dict) or not isinstance(obj.get("resourceType"), str):
         kind = "a JSON object" if isinstance(obj, dict) else f"JSON {type(obj).__name__}"
         yield NotFhirError(f"not a FHIR resource or Bundle: {kind} without a resourceType", source=where)
@@ -237,13 +292,13 @@ def _read_object(obj: Any, where: str, file: str, grouping: _Grouping) -> Iterat
     if obj["resourceType"] == "Bundle":
         yield from _read_bundle(obj, where, file, "", grouping)
     elif obj["resourceType"] in RELEVANT_TYPES:
-        yield from grouping.add(obj, where, file, label=_label(obj, None), urns=None)
+        yield from grouping.add(obj, where, file, label=None, urns=None, line=line)
 
 
 # --------------------------------------------------------------------------- Bundles
 
 
-def _read_bundle(bundle: dict, where: str, file: str, prefix: str, grouping: _Grouping) -> Iterator[InputError]:
+def _read_bundle(bundle: dict, where: str, file: str, prefix: str, grouping: _Spool) -> Iterator[InputError]:
     entries = bundle.get("entry", [])
     if not isinstance(entries, list):
         yield NotFhirError("Bundle.entry is not a list", source=where, resource=prefix.rstrip(".") or None)
@@ -335,65 +390,290 @@ def _label(resource: dict, entry_label: str | None) -> str:
 
 # --------------------------------------------------------------------------- grouping
 
+#: Index entries held in memory before they are spilled to a sorted temporary file.
+SPOOL_LIMIT = 400_000
+#: A resource held parsed (from a Bundle or a JSON file) weighs this many NDJSON index entries.
+INLINE_WEIGHT = 16
+#: Entries per pickled chunk of a spilled run: what the merge holds per run.
+_CHUNK = 1024
+#: Partitions of the key-hash files used to find resources that appear under two patients.
+_KEY_PARTITIONS = 64
+#: Runs merged at once (open files); more runs are first merged into fewer, larger ones.
+_FAN_IN = 64
+_DROP = -1
+
 
 @dataclass
 class _Item:
     resource: dict
     where: str  # file, or file:line for NDJSON
     file: str
-    label: str
+    label: str | None  # None: Type/id of the resource
 
 
-class _Grouping:
-    """Relevant resources by patient, with duplicates (same type/id) resolved as they arrive."""
+class _Spool:
+    """Relevant resources by patient, streamed: an index in memory or in sorted runs on disk.
 
-    def __init__(self) -> None:
-        # patient id -> {resource key -> item}; dict order is read order
-        self._groups: dict[str, dict[tuple, _Item]] = {}
-        self._owner: dict[tuple, str] = {}  # resource key -> patient id
-        self._anon = 0
+    Entry tuples sort by (patient id, read order); both are unique together, so sorting
+    never compares further. An NDJSON line is indexed, not kept: (pid, seq, key hash, file,
+    line number, offset, length, crc32); a resource from a Bundle or JSON file is kept
+    parsed (it may have been rewritten: urn references, ids from fullUrls): (pid, seq, key
+    hash, file, where, label, resource). The key hash is hash((type, id)), None without an id.
+    """
 
-    def add(self, resource: dict, where: str, file: str, *, label: str, urns: dict | None) -> Iterator[InputError]:
+    def __init__(self, limit: int) -> None:
+        self.limit = max(1, limit)
+        self.files: list[str] = []
+        self._file_index: dict[str, int] = {}
+        self.buffer: list[tuple] = []
+        self.weight = 0
+        self.seq = 0
+        self.runs: list[Path] = []
+        self.tmp: Path | None = None
+        self._fds: dict[int, int] = {}
+        self._names = itertools.count()
+
+    # -- first pass ------------------------------------------------------------------------
+    def add(self, resource: dict, where: str, file: str, *, label: str | None, urns: dict | None,
+            line: tuple[int, int, int, int] | None = None) -> Iterator[InputError]:
+        """Index one relevant resource. `label` None means `Type/id` (worked out only if needed)."""
         pid, why = _patient_id(resource, urns)
         if pid is None:
-            yield NoUsableDataError(f"no patient reference ({why})", source=where, resource=label)
+            yield NoUsableDataError(f"no patient reference ({why})", source=where, resource=label or _label(resource, None))
             return
+        fidx = self._file_index.get(file)
+        if fidx is None:
+            fidx = self._file_index[file] = len(self.files)
+            self.files.append(file)
         rid = resource.get("id")
-        if isinstance(rid, str) and rid:
-            key: tuple = (resource["resourceType"], rid)
-        else:  # no id: cannot be a duplicate of anything we can name
-            self._anon += 1
-            key = (resource["resourceType"], None, self._anon)
-        item = _Item(resource, where, file, label)
-        old_pid = self._owner.get(key)
-        if old_pid is not None:
-            group = self._groups[old_pid]
-            if not _is_newer(resource, group[key].resource):
-                return  # the first one read, or the newer one, stays
-            if old_pid == pid:
-                group[key] = item  # keep the original position in read order
-                return
-            del group[key]  # a newer version moved to another patient
-        self._owner[key] = pid
-        self._groups.setdefault(pid, {})[key] = item
+        khash = hash((resource["resourceType"], rid)) if isinstance(rid, str) and rid else None
+        self.seq += 1
+        if line is not None:
+            self.buffer.append((pid, self.seq, khash, fidx, *line))
+            self.weight += 1
+        else:
+            self.buffer.append((pid, self.seq, khash, fidx, where, label or _label(resource, None), resource))
+            self.weight += INLINE_WEIGHT
+        if self.weight >= self.limit:
+            self._spill()
+
+    def _spill(self) -> None:
+        if self.tmp is None:
+            self.tmp = Path(tempfile.mkdtemp(prefix="fhir-aibl-spool-"))
+        self.buffer.sort()
+        path = self.tmp / f"run-{len(self.runs):05d}"
+        with path.open("wb") as fh:
+            for i in range(0, len(self.buffer), _CHUNK):
+                pickle.dump(self.buffer[i : i + _CHUNK], fh, protocol=pickle.HIGHEST_PROTOCOL)
+        self.runs.append(path)
+        self._spill_keys(self.buffer)
+        self.buffer = []
+        self.weight = 0
+
+    def _spill_keys(self, entries: list[tuple]) -> None:
+        """(key hash, patient hash) of every entry with an id, partitioned by key hash."""
+        assert self.tmp is not None
+        parts: list[tuple[array, array]] = [(array("q"), array("q")) for _ in range(_KEY_PARTITIONS)]
+        for entry in entries:
+            khash = entry[2]
+            if khash is not None:
+                keys, pids = parts[khash % _KEY_PARTITIONS]
+                keys.append(khash)
+                pids.append(hash(entry[0]))
+        for i, (keys, pids) in enumerate(parts):
+            if keys:
+                with (self.tmp / f"keys-{i:03d}").open("ab") as fh:
+                    keys.tofile(fh)
+                with (self.tmp / f"pids-{i:03d}").open("ab") as fh:
+                    pids.tofile(fh)
+
+    # -- between the passes: resources seen under two patients --------------------------------
+    def _cross_patient_keys(self) -> set[int]:
+        """Key hashes seen under more than one patient: only those need a global decision."""
+
+        def scan(keys: Iterable[int], pids: Iterable[int], into: set[int]) -> None:
+            owner: dict[int, int] = {}
+            for khash, phash in zip(keys, pids):
+                known = owner.setdefault(khash, phash)
+                if known != phash:
+                    into.add(khash)
+
+        cross: set[int] = set()
+        if not self.runs:
+            with_ids = [e for e in self.buffer if e[2] is not None]
+            scan((e[2] for e in with_ids), (hash(e[0]) for e in with_ids), cross)
+            return cross
+        if self.buffer:
+            self._spill_keys(self.buffer)  # the tail joins the partitions; it stays in memory
+        assert self.tmp is not None
+        for i in range(_KEY_PARTITIONS):
+            kpath, ppath = self.tmp / f"keys-{i:03d}", self.tmp / f"pids-{i:03d}"
+            if not kpath.exists():
+                continue
+            keys, pids = array("q"), array("q")
+            keys.frombytes(kpath.read_bytes())
+            pids.frombytes(ppath.read_bytes())
+            scan(keys, pids, cross)
+        return cross
+
+    def _decide_cross(self, cross: set[int]) -> dict[int, int]:
+        """read order -> position (kept) or _DROP, for every occurrence of a cross-patient key.
+
+        Replays `add` as the in-memory reader did: the first occurrence is kept; a newer one
+        replaces it in place within the same patient, or moves to its own patient at its own
+        position; an older or equal one is ignored.
+        """
+        occurrences: dict[tuple[str, str], list[tuple[int, str, dict]]] = {}
+        for entry in self._all_entries():
+            if entry[2] in cross:
+                resource = self._load([entry])[0]
+                if resource is not None:
+                    occurrences.setdefault((resource["resourceType"], resource["id"]), []).append((entry[1], entry[0], resource))
+        decisions: dict[int, int] = {}
+        for occ in occurrences.values():
+            occ.sort(key=lambda o: o[0])
+            seq, pid, res = occ[0]
+            pos = seq
+            for nseq, npid, nres in occ[1:]:
+                if not _is_newer(nres, res):
+                    continue
+                if npid != pid:
+                    pos = nseq
+                seq, pid, res = nseq, npid, nres
+            for oseq, _pid, _res in occ:
+                decisions[oseq] = pos if oseq == seq else _DROP
+        return decisions
+
+    # -- second pass -----------------------------------------------------------------------
+    def _all_entries(self) -> Iterator[tuple]:
+        """Every entry, merged by (patient id, read order)."""
+        self.buffer.sort()
+        if not self.runs:
+            yield from self.buffer
+            return
+        yield from heapq.merge(*(self._read_run(path) for path in self.runs), self.buffer)
+
+    @staticmethod
+    def _read_run(path: Path) -> Iterator[tuple]:
+        with path.open("rb") as fh:
+            while True:
+                try:
+                    chunk = pickle.load(fh)  # our own file, written above in a private directory
+                except EOFError:
+                    return
+                yield from chunk
+
+    def _load(self, entries: list[tuple]) -> list[dict | None]:
+        """The resources of index entries: NDJSON lines read again (adjacent lines in one read)."""
+        out: list[dict | None] = [None] * len(entries)
+        lines: list[tuple[int, int, int, int, int]] = []  # (file, offset, length, crc, index)
+        for i, entry in enumerate(entries):
+            if isinstance(entry[6], dict):
+                out[i] = entry[6]
+            else:
+                lines.append((entry[3], entry[5], entry[6], entry[7], i))
+        lines.sort()
+        j = 0
+        while j < len(lines):
+            fidx, start = lines[j][0], lines[j][1]
+            k, end = j, lines[j][1] + lines[j][2]
+            while k + 1 < len(lines) and lines[k + 1][0] == fidx and lines[k + 1][1] == end:
+                k += 1
+                end += lines[k][2]
+            data = os.pread(self._fd(fidx), end - start, start)
+            for _f, off, length, crc, i in lines[j : k + 1]:
+                raw = data[off - start : off - start + length]
+                if len(raw) == length and zlib.crc32(raw) == crc:
+                    try:
+                        out[i] = _loads(raw)
+                    except _JSON_ERRORS:
+                        pass
+            j = k + 1
+        return out
+
+    def _fd(self, fidx: int) -> int:
+        fd = self._fds.get(fidx)
+        if fd is None:
+            fd = self._fds[fidx] = os.open(self.files[fidx], os.O_RDONLY)
+        return fd
+
+    def _merge_runs(self) -> None:
+        """Merge runs until at most _FAN_IN remain, so the final merge keeps few files open."""
+        assert self.tmp is not None
+        while len(self.runs) > _FAN_IN:
+            batch, self.runs = self.runs[:_FAN_IN], self.runs[_FAN_IN:]
+            path = self.tmp / f"merged-{next(self._names):05d}"
+            with path.open("wb") as fh:
+                chunk: list[tuple] = []
+                for entry in heapq.merge(*(self._read_run(run) for run in batch)):
+                    chunk.append(entry)
+                    if len(chunk) == _CHUNK:
+                        pickle.dump(chunk, fh, protocol=pickle.HIGHEST_PROTOCOL)
+                        chunk = []
+                if chunk:
+                    pickle.dump(chunk, fh, protocol=pickle.HIGHEST_PROTOCOL)
+            for run in batch:
+                run.unlink()
+            self.runs.append(path)
 
     def records(self, *, validate: bool) -> Iterator[PatientRecord | InputError]:
-        for pid in sorted(self._groups):
-            items = list(self._groups.pop(pid).values())
-            if not items:
+        if self.runs:
+            self._merge_runs()
+        cross = self._cross_patient_keys()
+        decisions = self._decide_cross(cross) if cross else {}
+        for pid, group in itertools.groupby(self._all_entries(), key=lambda e: e[0]):
+            yield from self._record(pid, list(group), decisions, validate)
+
+    def _record(self, pid: str, entries: list[tuple], decisions: dict[int, int], validate: bool) -> Iterator[PatientRecord | InputError]:
+        resources = self._load(entries)
+        # key -> [position, item]; the first occurrence keeps its position, a newer one replaces it
+        chosen: dict[tuple, list] = {}
+        for entry, resource in zip(entries, resources):
+            if isinstance(entry[6], dict):
+                fidx, where, label = entry[3], entry[4], entry[5]
+            else:
+                fidx, where = entry[3], f"{self.files[entry[3]]}:{entry[4]}"
+                if resource is None:  # the file changed between the two passes: never guess
+                    yield InputError("changed while being read; line not used", source=where)
+                    continue
+                label = None  # Type/id, worked out by _validate if it is needed
+            decision = decisions.get(entry[1])
+            if decision == _DROP:
                 continue
-            sources = list(dict.fromkeys(it.file for it in items))  # read order, before the Patient moves up
-            # The Patient first; the rest keep read order (sort is stable).
-            items.sort(key=lambda it: it.resource["resourceType"] != "Patient")
-            kept: list[dict] = []
-            for it in items:
-                problem = _validate(it) if validate else None
-                if problem is None:
-                    kept.append(it.resource)
-                else:
-                    yield problem
-            yield PatientRecord(patient_ref=f"Patient/{pid}", resources=kept, sources=sources)
-        self._owner.clear()
+            item = _Item(resource, where, self.files[fidx], label)
+            rid = resource.get("id")
+            key: tuple = (resource["resourceType"], rid) if isinstance(rid, str) and rid else ("", entry[1])
+            if decision is not None:
+                chosen[key] = [decision, item]
+                continue
+            known = chosen.get(key)
+            if known is None:
+                chosen[key] = [entry[1], item]
+            elif _is_newer(resource, known[1].resource):
+                known[1] = item  # keep the original position in read order
+        if not chosen:
+            return
+        items = [item for _pos, item in sorted(chosen.values(), key=lambda pi: pi[0])]
+        sources = list(dict.fromkeys(it.file for it in items))  # read order, before the Patient moves up
+        # The Patient first; the rest keep read order (sort is stable).
+        items.sort(key=lambda it: it.resource["resourceType"] != "Patient")
+        kept: list[dict] = []
+        for it in items:
+            problem = _validate(it) if validate else None
+            if problem is None:
+                kept.append(it.resource)
+            else:
+                yield problem
+        yield PatientRecord(patient_ref=f"Patient/{pid}", resources=kept, sources=sources)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self.buffer = []
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
 
 
 def _is_newer(new: dict, old: dict) -> bool:
@@ -440,6 +720,7 @@ def _validate(item: _Item) -> InvalidResourceError | None:
     from pydantic import ValidationError
 
     resource = item.resource
+    label = item.label or _label(resource, None)
     try:
         _model(resource["resourceType"]).model_validate(resource)
     except ValidationError as exc:
@@ -447,10 +728,10 @@ def _validate(item: _Item) -> InvalidResourceError | None:
         reasons = [f"{_loc(err['loc'])}: {err['msg']}" for err in errors[:_MAX_REASONS]]
         more = f" (+{len(errors) - _MAX_REASONS} more)" if len(errors) > _MAX_REASONS else ""
         return InvalidResourceError(
-            f"fails FHIR R4 validation: {'; '.join(reasons)}{more}", source=item.where, resource=item.label
+            f"fails FHIR R4 validation: {'; '.join(reasons)}{more}", source=item.where, resource=label
         )
     except (ValueError, TypeError) as exc:  # fhir.resources raises these for a few root-level checks
-        return InvalidResourceError(f"fails FHIR R4 validation: {_first_line(exc)}", source=item.where, resource=item.label)
+        return InvalidResourceError(f"fails FHIR R4 validation: {_first_line(exc)}", source=item.where, resource=label)
     return None
 
 

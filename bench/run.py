@@ -1,0 +1,393 @@
+"""fhir-aibl benchmarks (issue 6): one command, one table, one JSON file.
+
+    python bench/run.py [--quick] [--out bench/results.json] [--only SECTION,...] [--sizes 1000,10000,100000]
+
+Sections, each measured in processes of its own, all in one run:
+
+- engine     evaluations per second on one core, from facts built beforehand from synthetic
+             patients (`Assessor().engine.evaluate(facts)`); target >= 3,000/s
+- assess     the `fhir-aibl assess` pipeline on synthetic populations of 1,000, 10,000 and
+             100,000 patients (Bulk NDJSON, generated once and cached in bench/.cache/):
+             patients per second, peak memory, and the ratio to the floor of parsing the
+             same files with orjson in the same run; targets: within 10x of the floor, memory
+             independent of N
+- cds        the CDS Hooks service (fhir_aibl.cds) on uvicorn, driven from another process
+             on loopback: patient-view with the full prefetch of a ~150-resource record at
+             50, 100 and 200 requests/s for 30 s each: p50, p99, max latency, errors;
+             target p99 <= 25 ms at 100/s without errors
+- connector  the FHIR connector (fhir_aibl.fhir) against the test FHIR server
+             (tests/fhir_server.py): round trips and seconds per patient for a pull,
+             requests per patient for a write-back; target one round trip where batch works
+- drift      resident memory over 1,000,000 engine evaluations (bench/engine_memory.py);
+             target <= 20 MB
+
+`--quick` runs every section small (about a minute; what CI runs so the suite cannot rot);
+nothing asserts a time anywhere. A section whose subject is not there yet (the CDS service,
+the connector, the test server) is reported as `pending` with the reason. The table is
+printed and written, with the machine and the command, as JSON to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(ROOT))
+
+SECTIONS = ("engine", "assess", "cds", "connector", "drift")
+#: assess variants (bench/workers.py assess --variant)
+VARIANTS = ("shipped", "selected-validation", "evidence-validation", "no-validation")
+CACHE = BENCH / ".cache"
+SEED = 1
+
+#: (quick, full) sizes of every section
+PLAN = {
+    "engine": ({"patients": 100, "evaluations": 2_000}, {"patients": 2_000, "evaluations": 50_000}),
+    "assess": ({"sizes": [200]}, {"sizes": [1_000, 10_000, 100_000]}),
+    "cds": ({"rates": [50, 100, 200], "seconds": 1, "warmup": 0.2}, {"rates": [50, 100, 200], "seconds": 30, "warmup": 5}),
+    "connector": ({"patients": 3}, {"patients": 20}),
+    "drift": ({"evaluations": 10_000, "every": 2_500, "patients": 200},
+              {"evaluations": 1_000_000, "every": 50_000, "patients": 2_000}),
+}
+TARGETS = {
+    "engine": "evaluations/s on one core >= 3,000",
+    "assess_ratio": "assess time <= 10x the orjson parse floor (largest N)",
+    "assess_memory": "peak memory independent of N (growth between the two largest N <= 1 MB per 1,000 patients)",
+    "cds": "p99 <= 25 ms at 100 requests/s, no errors",
+    "connector": "1 round trip per patient pull (server supports batch)",
+    "drift": "RSS drift <= 20 MB over the evaluations",
+}
+
+
+# =========================================================================== helpers
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def worker(args: list[str], *, timeout: float, script: str = "workers.py") -> dict:
+    """Run a worker in a fresh process; its last stdout line is its JSON result."""
+    cmd = [sys.executable, str(BENCH / script), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[1:])} exited {proc.returncode}: {proc.stderr.strip()[-800:]}")
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    return json.loads(lines[-1])
+
+
+def machine() -> dict:
+    info = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                info["memory_gb"] = round(int(line.split()[1]) / 1024 / 1024, 1)
+    with contextlib.suppress(OSError):
+        info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    with contextlib.suppress(Exception):
+        from importlib.metadata import version
+
+        info["durable_rules"] = version("durable_rules")
+    with contextlib.suppress(Exception):
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0:
+            info["commit"] = commit.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+    return info
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# =========================================================================== populations
+
+
+def population(patients: int, cache: Path) -> Path:
+    """The synthetic population of `patients`, generated once per generator version and cached."""
+    from fhir_aibl import synth
+
+    fingerprint = hashlib.sha256(Path(synth.__file__).read_bytes()).hexdigest()[:10]
+    name = f"synth-s{SEED}-n{patients}"
+    target = cache / f"{name}-{fingerprint}"
+    if (target / ".complete").exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    for stale in cache.glob(f"{name}-*"):  # an older generator's population of this size
+        shutil.rmtree(stale, ignore_errors=True)
+    log(f"generating {patients:,} synthetic patients into {target}")
+    t0 = time.perf_counter()
+    summary = synth.generate(synth.SynthSettings(patients=patients, seed=SEED, out=target, force=True))
+    (target / ".complete").write_text(json.dumps({"resources": summary.resources, "bytes": summary.bytes,
+                                                  "seconds": round(time.perf_counter() - t0, 1)}))
+    return target
+
+
+# =========================================================================== sections
+
+
+def section_engine(plan: dict) -> dict:
+    result = worker(["engine", "--patients", str(plan["patients"]), "--evaluations", str(plan["evaluations"])], timeout=3600)
+    result["target"] = TARGETS["engine"]
+    result["met"] = result["evaluations_per_second"] >= 3000
+    return result
+
+
+def section_assess(plan: dict, cache: Path) -> dict:
+    runs = []
+    for n in plan["sizes"]:
+        directory = population(n, cache)
+        meta = json.loads((directory / ".complete").read_text())
+        log(f"assess N={n:,}: parse floor")
+        floor = worker(["parse", str(directory)], timeout=36_000)
+        row: dict = {"patients": n, "resources": meta["resources"], "megabytes": round(meta["bytes"] / 1e6, 1),
+                     "parse_floor": floor}
+        for variant in VARIANTS:
+            if variant.endswith("-validation") and variant != "no-validation" and n > 10_000 and len(plan["sizes"]) > 1:
+                continue  # the proposed changes, shown where they cost minutes, not an hour
+            log(f"assess N={n:,}: {variant}")
+            out = worker(["assess", str(directory), "--variant", variant], timeout=36_000)
+            out["ratio_to_parse_floor"] = round(out["seconds"] / floor["seconds"], 1) if floor["seconds"] else None
+            row[variant] = out
+        if n <= 10_000:  # the command itself holds every result until the end: shown where that is affordable
+            log(f"assess N={n:,}: fhir-aibl assess --format json")
+            out = worker(["cli", str(directory)], timeout=36_000)
+            out["patients_per_second"] = round(n / out["seconds"], 1)
+            out["ratio_to_parse_floor"] = round(out["seconds"] / floor["seconds"], 1) if floor["seconds"] else None
+            row["command"] = out
+        runs.append(row)
+    largest = runs[-1]
+    result: dict = {"runs": runs, "target_ratio": TARGETS["assess_ratio"], "target_memory": TARGETS["assess_memory"]}
+    result["ratio_met"] = largest["shipped"]["ratio_to_parse_floor"] <= 10
+    if len(runs) >= 2:
+        a, b = runs[-2], runs[-1]
+        growth = (b["shipped"]["peak_rss_mb"] - a["shipped"]["peak_rss_mb"]) / ((b["patients"] - a["patients"]) / 1000)
+        result["memory_growth_mb_per_1000_patients"] = round(growth, 3)
+        result["memory_met"] = growth <= 1.0
+    else:
+        result["memory_met"] = None  # one size says nothing about growth
+    result["met"] = result["ratio_met"] if result["memory_met"] is None else (result["ratio_met"] and result["memory_met"])
+    return result
+
+
+def section_cds(plan: dict) -> dict:
+    try:
+        from fhir_aibl import cds  # noqa: F401
+        from fhir_aibl.cds import create_app, patient_view_request  # noqa: F401
+        from fhir_aibl.cds.command import add_arguments  # noqa: F401
+    except Exception as exc:  # the service is being built elsewhere: measure it when it lands
+        return {"status": "pending", "reason": f"fhir_aibl.cds not available: {type(exc).__name__}: {exc}", "met": None}
+    import cds_harness  # bench/cds_harness.py
+
+    result = cds_harness.measure(rates=plan["rates"], seconds=plan["seconds"], warmup=plan["warmup"], log=log)
+    result["target"] = TARGETS["cds"]
+    at100 = next((r for r in result.get("rates", []) if r["rate"] == 100), None)
+    result["met"] = None if at100 is None else (at100["p99_ms"] <= 25 and at100["errors"] == 0)
+    return result
+
+
+def section_connector(plan: dict) -> dict:
+    try:
+        from fhir_aibl.fhir import FhirClient, Puller  # noqa: F401
+    except Exception as exc:
+        return {"status": "pending", "reason": f"fhir_aibl.fhir not available: {type(exc).__name__}: {exc}", "met": None}
+    if not (ROOT / "tests" / "fhir_server.py").exists():
+        return {"status": "pending", "reason": "tests/fhir_server.py (the test FHIR server) not available", "met": None}
+    import connector_harness  # bench/connector_harness.py
+
+    result = connector_harness.measure(patients=plan["patients"], log=log)
+    result["target"] = TARGETS["connector"]
+    if result.get("status") == "ok":
+        result["met"] = result["pull"]["round_trips_per_patient"] <= 1 if result.get("batch_supported") else None
+    return result
+
+
+def section_drift(plan: dict) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "drift.json"
+        worker(["--evaluations", str(plan["evaluations"]), "--every", str(plan["every"]), "--pool", "synthetic",
+                "--patients", str(plan["patients"]), "--json", str(out)], timeout=36_000, script="engine_memory.py")
+        data = json.loads(out.read_text())
+    result = dict(data["summary"])
+    result["checkpoints"] = data["checkpoints"]
+    result["target"] = TARGETS["drift"]
+    result["met"] = result["drift_mb"] <= 20
+    return result
+
+
+# =========================================================================== the table
+
+
+def fmt(value, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        value = f"{value:,.1f}"
+    elif isinstance(value, int):
+        value = f"{value:,}"
+    return f"{value}{unit}"
+
+
+def verdict(met) -> str:
+    return {True: "met", False: "MISSED", None: "-"}[met]
+
+
+def table(results: dict) -> str:
+    rows: list[tuple[str, str, str, str]] = []
+    s = results["sections"]
+    e = s.get("engine")
+    if e:
+        if "error" in e:
+            rows.append(("engine", "error", e["error"][:60], ""))
+        else:
+            rows.append(("engine", "evaluations/s, one core", fmt(e["evaluations_per_second"]), verdict(e["met"]) + " (>= 3,000)"))
+            rows.append(("engine", "us per evaluation", fmt(e["us_per_evaluation"]), ""))
+            rows.append(("engine", "with Assessment built, /s", fmt(e["with_assessment_per_second"]), ""))
+    a = s.get("assess")
+    if a:
+        if "error" in a:
+            rows.append(("assess", "error", a["error"][:60], ""))
+        for run in a.get("runs", []):
+            n = f"N={run['patients']:,}"
+            floor = run["parse_floor"]
+            rows.append(("assess " + n, "orjson parse floor, patients/s", fmt(round(run["patients"] / floor["seconds"])), ""))
+            for variant in (*VARIANTS, "command"):
+                v = run.get(variant)
+                if v:
+                    label = {"shipped": "pipeline as shipped", "selected-validation": "validate recognised codes only",
+                             "evidence-validation": "validate facts' sources only",
+                             "no-validation": "no validation", "command": "fhir-aibl assess (json)"}[variant]
+                    rows.append(("assess " + n, f"{label}: patients/s, x floor, peak MB",
+                                 f"{fmt(v['patients_per_second'])}, {v['ratio_to_parse_floor']}x, {fmt(v['peak_rss_mb'])}", ""))
+        if a.get("runs"):
+            rows.append(("assess", "ratio to floor, largest N (shipped)", f"{a['runs'][-1]['shipped']['ratio_to_parse_floor']}x",
+                         verdict(a.get("ratio_met")) + " (<= 10x)"))
+            rows.append(("assess", "memory growth, MB per 1,000 patients", fmt(a.get("memory_growth_mb_per_1000_patients")),
+                         verdict(a.get("memory_met")) + " (flat)"))
+    c = s.get("cds")
+    if c:
+        if c.get("status") != "ok":
+            rows.append(("cds", c.get("status", "error"), (c.get("reason") or c.get("error") or "")[:70], ""))
+        for r in c.get("rates", []):
+            rows.append(("cds", f"{r['rate']}/s x {r['seconds']}s: p50 / p99 / max ms, errors",
+                         f"{r['p50_ms']} / {r['p99_ms']} / {r['max_ms']}, {r['errors']}",
+                         (verdict(c.get("met")) + " (p99 <= 25 ms)") if r["rate"] == 100 else ""))
+    k = s.get("connector")
+    if k:
+        if k.get("status") != "ok":
+            rows.append(("connector", k.get("status", "error"), (k.get("reason") or k.get("error") or "")[:70], ""))
+        else:
+            rows.append(("connector", "pull: round trips / patient", fmt(k["pull"]["round_trips_per_patient"]),
+                         verdict(k.get("met")) + " (1)"))
+            rows.append(("connector", "pull: seconds / patient", fmt(k["pull"]["seconds_per_patient"]), ""))
+            rows.append(("connector", "write-back: requests / patient", fmt(k["writeback"]["requests_per_patient"]), ""))
+    d = s.get("drift")
+    if d:
+        if "error" in d:
+            rows.append(("drift", "error", d["error"][:60], ""))
+        else:
+            rows.append(("drift", f"RSS drift over {d['evaluations']:,} evaluations, MB", fmt(d["drift_mb"]),
+                         verdict(d["met"]) + " (<= 20 MB)"))
+    headers = ("section", "measure", "value", "target")
+    widths = [max(len(x) for x in col) for col in zip(headers, *rows)]
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# =========================================================================== main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="fhir-aibl benchmarks: one table, one JSON file")
+    parser.add_argument("--quick", action="store_true", help="every section small (about a minute; for CI)")
+    parser.add_argument("--out", type=Path, default=BENCH / "results.json", help="JSON results (default: bench/results.json)")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections (default: all of {','.join(SECTIONS)})")
+    parser.add_argument("--sizes", default=None, help="assess population sizes, comma-separated (default: 1000,10000,100000; quick: 200)")
+    parser.add_argument("--cache", type=Path, default=CACHE, help="where synthetic populations are kept (default: bench/.cache)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the sections not run now from the existing --out file (each keeps its own plan and date)")
+    args = parser.parse_args(argv)
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in only if s not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown section(s): {', '.join(unknown)}")
+    mode = 0 if args.quick else 1
+    results: dict = {
+        "command": "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "quick": args.quick,
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
+        "machine": machine(),
+        "targets": TARGETS,
+        "sections": {},
+    }
+    earlier: dict = {}
+    if args.merge and args.out.exists():
+        previous = json.loads(args.out.read_text())
+        earlier = {k: {**v, "date": v.get("date", previous.get("date"))} for k, v in previous.get("sections", {}).items()}
+    for name in SECTIONS:
+        if name not in only:
+            if name in earlier and earlier[name].get("status") != "skipped":
+                results["sections"][name] = earlier[name]
+            else:
+                results["sections"][name] = {"status": "skipped", "reason": "not in --only", "met": None}
+            continue
+        plan = dict(PLAN[name][mode])
+        if name == "assess" and args.sizes:
+            plan["sizes"] = [int(x) for x in args.sizes.split(",")]
+        log(f"section {name}: {plan}")
+        t0 = time.perf_counter()
+        try:
+            if name == "engine":
+                out = section_engine(plan)
+            elif name == "assess":
+                out = section_assess(plan, args.cache)
+            elif name == "cds":
+                out = section_cds(plan)
+            elif name == "connector":
+                out = section_connector(plan)
+            else:
+                out = section_drift(plan)
+            out.setdefault("status", "ok")
+        except Exception as exc:  # one failing section never hides the others
+            out = {"status": "error", "error": f"{type(exc).__name__}: {exc}", "met": None}
+        out["plan"] = plan
+        out["date"] = results["date"]
+        out["wall_seconds"] = round(time.perf_counter() - t0, 1)
+        results["sections"][name] = out
+    results["table"] = table(results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    m = results["machine"]
+    print(f"fhir-aibl bench ({'quick' if args.quick else 'full'}) on {m.get('cpu_model', '?')}, {m.get('cpus')} CPUs, "
+          f"{m.get('memory_gb', '?')} GB, Python {m['python']}, commit {m.get('commit', '?')}")
+    print(results["table"])
+    print(f"results: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(BENCH))  # cds_harness, connector_harness
+    sys.exit(main())

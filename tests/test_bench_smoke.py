@@ -1,0 +1,56 @@
+"""The benchmark suite runs end to end (bench/run.py --quick, tiny N), so that it cannot rot.
+
+No time is asserted: the numbers depend on the machine. What is checked is that every
+section ran (or says why it could not: `pending` when what it measures is not there) and
+that the JSON holds what the README's table is built from.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = {"engine", "assess", "cds", "connector", "drift"}
+
+
+def test_quick_bench_writes_every_section(tmp_path):
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--sizes", "20",
+         "--out", str(out), "--cache", str(tmp_path / "cache")],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert results["quick"] is True
+    assert {"cpus", "python"} <= set(results["machine"])
+    sections = results["sections"]
+    assert set(sections) == SECTIONS
+    for name, section in sections.items():
+        assert section["status"] in ("ok", "pending"), (name, section)
+        assert "met" in section
+        if section["status"] == "pending":
+            assert section["reason"]
+    # the sections that need nothing but the project always run
+    engine, assess, drift = sections["engine"], sections["assess"], sections["drift"]
+    assert engine["status"] == "ok" and engine["evaluations"] == 2000 and engine["evaluations_per_second"] > 0
+    (run,) = assess["runs"]
+    assert run["patients"] == 20
+    for variant in ("shipped", "selected-validation", "evidence-validation", "no-validation", "command"):
+        assert run[variant]["seconds"] > 0 and run[variant]["peak_rss_mb"] > 0
+    assert run["shipped"]["patients"] == 20 and run["shipped"]["problems"] == 0
+    assert run["parse_floor"]["lines"] > 0 and run["resources"] >= run["parse_floor"]["lines"]
+    assert drift["status"] == "ok" and drift["evaluations"] == 10_000 and "drift_mb" in drift
+    if sections["cds"]["status"] == "ok":
+        assert [r["rate"] for r in sections["cds"]["rates"]] == [50, 100, 200]
+        assert all({"p50_ms", "p99_ms", "max_ms", "errors"} <= set(r) for r in sections["cds"]["rates"])
+        assert sections["cds"]["check"]["status"] == 200
+    if sections["connector"]["status"] == "ok":
+        assert sections["connector"]["pull"]["round_trips_per_patient"] >= 1
+        assert sections["connector"]["writeback"]["second_run"]["written"] == 0  # idempotent
+    # the table the README shows is in the JSON and on stdout
+    assert results["table"].startswith("| section")
+    assert results["table"] in proc.stdout
