@@ -304,15 +304,7 @@ def _read_bundle(bundle: dict, where: str, file: str, prefix: str, grouping: _Sp
         yield NotFhirError("Bundle.entry is not a list", source=where, resource=prefix.rstrip(".") or None)
         return
     # First pass: fullUrl -> (type, id), so that references may point forward in the Bundle.
-    urns: dict[str, tuple[str, str]] = {}
-    for entry in entries:
-        if not isinstance(entry, dict):
-            continue
-        full_url, resource = entry.get("fullUrl"), entry.get("resource")
-        if isinstance(full_url, str) and isinstance(resource, dict) and isinstance(resource.get("resourceType"), str):
-            rid = resource.get("id") if isinstance(resource.get("id"), str) else _urn_id(full_url)
-            if rid:
-                urns[full_url] = (resource["resourceType"], rid)
+    urns = fullurl_index(entries)
     for index, entry in enumerate(entries):
         label = f"{prefix}entry[{index}]"
         if not isinstance(entry, dict):
@@ -331,13 +323,32 @@ def _read_bundle(bundle: dict, where: str, file: str, prefix: str, grouping: _Sp
         if rtype not in RELEVANT_TYPES:
             continue
         if "id" not in resource:
-            urn_id = _urn_id(entry.get("fullUrl"))
-            if urn_id:
-                resource["id"] = urn_id  # stable evidence reference: Observation/<uuid>
+            from_urn = urn_id(entry.get("fullUrl"))
+            if from_urn:
+                resource["id"] = from_urn  # stable evidence reference: Observation/<uuid>
         yield from grouping.add(resource, where, file, label=_label(resource, label), urns=urns)
 
 
-def _urn_id(full_url: Any) -> str | None:
+def fullurl_index(entries: list) -> dict[str, tuple[str, str]]:
+    """fullUrl -> (resourceType, id) of a Bundle's entries: how `urn:uuid:` references resolve.
+
+    An entry without an id takes the uuid/oid of its `urn:` fullUrl (a transaction's POST).
+    Shared with the CDS Hooks prefetch reader, which resolves prefetch Bundles the same way.
+    """
+    urns: dict[str, tuple[str, str]] = {}
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue
+        full_url, resource = entry.get("fullUrl"), entry.get("resource")
+        if isinstance(full_url, str) and isinstance(resource, dict) and isinstance(resource.get("resourceType"), str):
+            rid = resource.get("id") if isinstance(resource.get("id"), str) else urn_id(full_url)
+            if rid:
+                urns[full_url] = (resource["resourceType"], rid)
+    return urns
+
+
+def urn_id(full_url: Any) -> str | None:
+    """The uuid or oid of a `urn:uuid:` / `urn:oid:` fullUrl, else None."""
     if isinstance(full_url, str):
         for prefix in _URN_PREFIXES:
             if full_url.startswith(prefix) and len(full_url) > len(prefix):

@@ -37,7 +37,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..sources import RELEVANT_TYPES
+from ..sources import RELEVANT_TYPES, fullurl_index, urn_id
 from ..terminology import Terminology
 from .errors import BadRequestError
 
@@ -171,15 +171,7 @@ def bundle_resources(bundle: Mapping[str, Any]) -> Iterator[tuple[dict, dict[str
     entries = bundle.get("entry")
     if not isinstance(entries, list):
         return
-    urns: dict[str, tuple[str, str]] = {}
-    for entry in entries:
-        if not isinstance(entry, dict):
-            continue
-        full_url, resource = entry.get("fullUrl"), entry.get("resource")
-        if isinstance(full_url, str) and isinstance(resource, dict) and isinstance(resource.get("resourceType"), str):
-            rid = resource.get("id") if isinstance(resource.get("id"), str) else _urn_id(full_url)
-            if rid:
-                urns[full_url] = (resource["resourceType"], rid)
+    urns = fullurl_index(entries)
     for entry in entries:
         if not isinstance(entry, dict):
             continue
@@ -190,18 +182,10 @@ def bundle_resources(bundle: Mapping[str, Any]) -> Iterator[tuple[dict, dict[str
             yield from bundle_resources(resource)
             continue
         if "id" not in resource:
-            urn_id = _urn_id(entry.get("fullUrl"))
-            if urn_id:
-                resource = {**resource, "id": urn_id}
+            from_urn = urn_id(entry.get("fullUrl"))
+            if from_urn:
+                resource = {**resource, "id": from_urn}
         yield resource, urns
-
-
-def _urn_id(full_url: Any) -> str | None:
-    if isinstance(full_url, str):
-        for prefix in _URN_PREFIXES:
-            if full_url.startswith(prefix) and len(full_url) > len(prefix):
-                return full_url[len(prefix) :]
-    return None
 
 
 # --------------------------------------------------------------------------- one patient only
