@@ -307,12 +307,7 @@ class _Extractor:
         if onset is not None and onset > self.as_of:
             return
         ref = reference_of(res)
-        texts = [(res.get("code") or {}).get("text")]
-        texts += [n.get("text") for n in res.get("note") or [] if isinstance(n, dict)]
-        for ev in res.get("evidence") or []:
-            for c in (ev or {}).get("code") or []:
-                texts.append((c or {}).get("text"))
-        marker = any(self.term.match_text("conditions", t) for t in texts if t)
+        marker = any(self.term.match_text("conditions", t) for t in _mechanism_texts(res) if t)
         for concept in concepts:
             name = concept.get("concept")
             if name == "fracture":
@@ -550,6 +545,38 @@ class _Extractor:
             if "_ref_low" in calcium[2]:
                 fields["below_reference"] = value < calcium[2]["_ref_low"]
             self.add("calcium_status", refs, **fields)
+
+
+def _mechanism_texts(res: Mapping[str, Any]) -> list[str]:
+    """Where a record says how a fracture happened, when no code says it.
+
+    The text and coding displays of the code, categories and evidence, the notes, and
+    extensions (their url, e.g. a local `.../fragility-fracture` flag with valueBoolean true,
+    or their string or coded value). The words that count are the `texts` of the conditions
+    value set (fragility, low-trauma, fall from standing height, ...).
+    """
+    texts: list[str] = []
+
+    def codeable(cc: Any) -> None:
+        if isinstance(cc, dict):
+            texts.append(cc.get("text"))
+            texts.extend(c.get("display") for c in cc.get("coding") or [] if isinstance(c, dict))
+
+    codeable(res.get("code"))
+    for cat in res.get("category") or []:
+        codeable(cat)
+    for ev in res.get("evidence") or []:
+        for cc in (ev or {}).get("code") or []:
+            codeable(cc)
+    texts += [n.get("text") for n in res.get("note") or [] if isinstance(n, dict)]
+    for ext in res.get("extension") or []:
+        if not isinstance(ext, dict):
+            continue
+        if ext.get("valueBoolean") is True:
+            texts.append(str(ext.get("url", "")).rsplit("/", 1)[-1].replace("-", " "))
+        texts.append(ext.get("valueString"))
+        codeable(ext.get("valueCodeableConcept"))
+    return [t for t in texts if isinstance(t, str)]
 
 
 def _reference_low(holder: Mapping[str, Any]) -> tuple[float, str] | None:

@@ -869,3 +869,33 @@ def test_bmi_from_weight_and_height_when_no_bmi_is_recorded(facts):
     assert bmi["refs"] == ["Observation/h", "Observation/w"]
     # a recorded BMI wins
     assert [b["value"] for b in facts(weight, height, obs("b", "39156-5", 26.0, "kg/m2")).of_type("bmi")] == [26.0]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"extension": [{"url": "http://example.org/fhir/StructureDefinition/fragility-fracture", "valueBoolean": True}]},
+        {"category": [{"coding": [{"system": "http://example.org", "code": "ff", "display": "Fragility fracture"}]}]},
+        {"evidence": [{"code": [{"coding": [{"system": "http://example.org", "code": "lt", "display": "Low-trauma injury"}]}]}]},
+        {"note": [{"text": "Fell from standing height"}]},
+    ],
+)
+def test_a_fracture_mechanism_is_read_wherever_the_record_says_it(facts, extra):
+    cond = {
+        "resourceType": "Condition", "id": "fx", "subject": {"reference": PAT},
+        "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "S72.001A"}]},
+        "verificationStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-ver-status", "code": "confirmed"}]},
+        **extra,
+    }
+    [fx] = facts(cond).of_type("fracture")
+    assert fx["marker"] is True
+
+
+def test_a_fracture_without_mechanism_has_no_marker(facts):
+    cond = {
+        "resourceType": "Condition", "id": "fx", "subject": {"reference": PAT},
+        "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "S72.001A", "display": "Fracture of neck of right femur"}]},
+        "extension": [{"url": "http://example.org/fhir/StructureDefinition/laterality", "valueString": "right"}],
+    }
+    [fx] = facts(cond).of_type("fracture")
+    assert fx["marker"] is False
