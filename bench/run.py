@@ -253,21 +253,27 @@ def verdict(met) -> str:
     return {True: "met", False: "MISSED", None: "-"}[met]
 
 
+def _not_measured(name: str, section: dict) -> tuple[str, str, str, str] | None:
+    """The row of a section that did not run (skipped, pending, error), or None if it did."""
+    if section.get("status", "ok") == "ok":
+        return None
+    return (name, section.get("status", "error"), (section.get("reason") or section.get("error") or "")[:70], "")
+
+
 def table(results: dict) -> str:
     rows: list[tuple[str, str, str, str]] = []
     s = results["sections"]
+    for name in SECTIONS:
+        row = _not_measured(name, s.get(name) or {"status": "skipped", "reason": "not run"})
+        if row:
+            rows.append(row)
     e = s.get("engine")
-    if e:
-        if "error" in e:
-            rows.append(("engine", "error", e["error"][:60], ""))
-        else:
-            rows.append(("engine", "evaluations/s, one core", fmt(e["evaluations_per_second"]), verdict(e["met"]) + " (>= 3,000)"))
-            rows.append(("engine", "us per evaluation", fmt(e["us_per_evaluation"]), ""))
-            rows.append(("engine", "with Assessment built, /s", fmt(e["with_assessment_per_second"]), ""))
+    if e and not _not_measured("engine", e):
+        rows.append(("engine", "evaluations/s, one core", fmt(e["evaluations_per_second"]), verdict(e["met"]) + " (>= 3,000)"))
+        rows.append(("engine", "us per evaluation", fmt(e["us_per_evaluation"]), ""))
+        rows.append(("engine", "with Assessment built, /s", fmt(e["with_assessment_per_second"]), ""))
     a = s.get("assess")
-    if a:
-        if "error" in a:
-            rows.append(("assess", "error", a["error"][:60], ""))
+    if a and not _not_measured("assess", a):
         for run in a.get("runs", []):
             n = f"N={run['patients']:,}"
             floor = run["parse_floor"]
@@ -286,29 +292,21 @@ def table(results: dict) -> str:
             rows.append(("assess", "memory growth, MB per 1,000 patients", fmt(a.get("memory_growth_mb_per_1000_patients")),
                          verdict(a.get("memory_met")) + " (flat)"))
     c = s.get("cds")
-    if c:
-        if c.get("status") != "ok":
-            rows.append(("cds", c.get("status", "error"), (c.get("reason") or c.get("error") or "")[:70], ""))
+    if c and not _not_measured("cds", c):
         for r in c.get("rates", []):
             rows.append(("cds", f"{r['rate']}/s x {r['seconds']}s: p50 / p99 / max ms, errors",
                          f"{r['p50_ms']} / {r['p99_ms']} / {r['max_ms']}, {r['errors']}",
                          (verdict(c.get("met")) + " (p99 <= 25 ms)") if r["rate"] == 100 else ""))
     k = s.get("connector")
-    if k:
-        if k.get("status") != "ok":
-            rows.append(("connector", k.get("status", "error"), (k.get("reason") or k.get("error") or "")[:70], ""))
-        else:
-            rows.append(("connector", "pull: round trips / patient", fmt(k["pull"]["round_trips_per_patient"]),
-                         verdict(k.get("met")) + " (1)"))
-            rows.append(("connector", "pull: seconds / patient", fmt(k["pull"]["seconds_per_patient"]), ""))
-            rows.append(("connector", "write-back: requests / patient", fmt(k["writeback"]["requests_per_patient"]), ""))
+    if k and not _not_measured("connector", k):
+        rows.append(("connector", "pull: round trips / patient", fmt(k["pull"]["round_trips_per_patient"]),
+                     verdict(k.get("met")) + " (1)"))
+        rows.append(("connector", "pull: seconds / patient", fmt(k["pull"]["seconds_per_patient"]), ""))
+        rows.append(("connector", "write-back: requests / patient", fmt(k["writeback"]["requests_per_patient"]), ""))
     d = s.get("drift")
-    if d:
-        if "error" in d:
-            rows.append(("drift", "error", d["error"][:60], ""))
-        else:
-            rows.append(("drift", f"RSS drift over {d['evaluations']:,} evaluations, MB", fmt(d["drift_mb"]),
-                         verdict(d["met"]) + " (<= 20 MB)"))
+    if d and not _not_measured("drift", d):
+        rows.append(("drift", f"RSS drift over {d['evaluations']:,} evaluations, MB", fmt(d["drift_mb"]),
+                     verdict(d["met"]) + " (<= 20 MB)"))
     headers = ("section", "measure", "value", "target")
     widths = [max(len(x) for x in col) for col in zip(headers, *rows)]
     lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |",
@@ -318,6 +316,18 @@ def table(results: dict) -> str:
 
 
 # =========================================================================== main
+
+
+def save(results: dict, out: Path, *, final: bool) -> None:
+    """Write the results; before the last section has run, with the sections still to come marked so."""
+    data = dict(results)
+    if not final:
+        data["sections"] = {name: results["sections"].get(name, {"status": "running", "reason": "not measured yet", "met": None})
+                            for name in SECTIONS}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -377,9 +387,10 @@ def main(argv: list[str] | None = None) -> int:
         out["date"] = results["date"]
         out["wall_seconds"] = round(time.perf_counter() - t0, 1)
         results["sections"][name] = out
+        # after every section, so that an hour of measurements survives a failure after it
+        save(results, args.out, final=False)
     results["table"] = table(results)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    save(results, args.out, final=True)
     m = results["machine"]
     print(f"fhir-aibl bench ({'quick' if args.quick else 'full'}) on {m.get('cpu_model', '?')}, {m.get('cpus')} CPUs, "
           f"{m.get('memory_gb', '?')} GB, Python {m['python']}, commit {m.get('commit', '?')}")

@@ -54,3 +54,22 @@ def test_quick_bench_writes_every_section(tmp_path):
     # the table the README shows is in the JSON and on stdout
     assert results["table"].startswith("| section")
     assert results["table"] in proc.stdout
+
+
+def test_one_section_alone_keeps_the_others_from_the_earlier_run(tmp_path):
+    """`--only` runs one section; `--merge` keeps the rest; the table says which did not run."""
+    out = tmp_path / "results.json"
+    command = [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--out", str(out), "--cache", str(tmp_path / "cache")]
+    first = subprocess.run([*command, "--only", "engine"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert results["sections"]["engine"]["status"] == "ok"
+    assert results["sections"]["drift"] == {"status": "skipped", "reason": "not in --only", "met": None}
+    assert "| drift " in results["table"] and "skipped" in results["table"]
+    engine_run = results["sections"]["engine"]
+    second = subprocess.run([*command, "--only", "drift", "--merge"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    merged = json.loads(out.read_text())
+    assert merged["sections"]["drift"]["status"] == "ok" and merged["sections"]["drift"]["evaluations"] == 10_000
+    assert merged["sections"]["engine"]["evaluations_per_second"] == engine_run["evaluations_per_second"]
+    assert "evaluations/s, one core" in merged["table"] and "RSS drift" in merged["table"]
