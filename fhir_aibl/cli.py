@@ -160,7 +160,7 @@ def fhir_bundle_json(assessments: Sequence[Assessment]) -> str:
 def _assess_command(args: argparse.Namespace) -> int:
     as_of = args.as_of or dt.date.today()
     assessor = Assessor(args.rules, mode=args.mode)
-    results, problems = run_assessments(assessor, iter_records(args.paths), as_of)
+    results, problems = run_assessments(assessor, iter_records(args.paths, terminology=assessor.terminology), as_of)
     assessments = [r.assessment for r in results]
     for problem in problems:
         _err(f"error: {problem}")
@@ -186,7 +186,7 @@ def demo_paths() -> list[Path]:
 def _demo_command(args: argparse.Namespace) -> int:
     assessor = Assessor()
     paths = demo_paths()
-    results, problems = run_assessments(assessor, iter_records(paths), args.as_of)
+    results, problems = run_assessments(assessor, iter_records(paths, terminology=assessor.terminology), args.as_of)
     assessments = [r.assessment for r in results]
     print(f"fhir-aibl demo: {', '.join(str(p) for p in paths)}; as of {args.as_of}; ruleset {assessor.rulebook.name}\n")
     print(format_table(assessments))

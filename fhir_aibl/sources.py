@@ -47,15 +47,34 @@ later `meta.lastUpdated`, else the first one read. A group with resources but no
 Patient resource is still a record, as is a Patient with nothing else: whether that is
 enough to assess is the assessment's decision, not the reader's.
 
-Why validation comes after selection
+What is validated, and why only that
 ------------------------------------
 Validating a resource against the `fhir.resources.R4B` pydantic models costs about
-100 µs (DESIGN.md: a 50-Observation bundle validates in 6 ms and parses in 0.07 ms).
-A Synthea bundle is mostly Claims, Encounters and ExplanationOfBenefits the rules never
-read, so the reader selects the relevant resources first and validates only those
-(R4B is identical to R4 for these types). A resource that fails becomes an
-`InvalidResourceError` naming its file and `Type/id` with the first few pydantic
-messages, and is dropped; the patient's other resources still go through.
+100 µs (DESIGN.md: a 50-Observation bundle validates in 6 ms and parses in 0.07 ms), and
+DESIGN.md's rule is "parse what you use". So the reader validates a resource only if the
+facts stage can read it, as `facts.reads_resource` decides with the value sets the records
+will be assessed with (the same functions the extractor calls before it reads anything, so
+the two cannot drift apart):
+
+- the Patient, and every FamilyMemberHistory (its status alone can exclude it);
+- an Observation whose code or a component's code is recognised (a DXA result, BMI,
+  smoking status, a laboratory or vital-sign concept the rules read, a family history
+  finding);
+- a Condition whose code is in the conditions value set;
+- a medication whose code, or whose contained Medication's code or ingredients, names a
+  drug of a class the rules read;
+- any resource on which that test itself fails (malformed beyond what it can look at).
+
+Everything else of a relevant type (a heart-rate Observation, a Condition or a drug the
+value sets do not know) is not validated: the extractor returns as soon as it sees the code
+is not one it reads, so such a resource can change no fact, no finding and no assessment,
+and an error about it would tell the user nothing about the result. It is still grouped,
+deduplicated and passed on in the record unchanged, as with `validate=False`. Resources of
+other types (Claims, Encounters, ...) are skipped unread before any of this.
+
+A validated resource that fails becomes an `InvalidResourceError` naming its file and
+`Type/id` with the first few pydantic messages, and is dropped; the patient's other
+resources still go through (R4B is identical to R4 for these types).
 
 Errors never escape: unreadable paths, non-JSON, JSON that is not FHIR and invalid
 resources all become `InputError`s in `ReadResult.problems` (or are yielded by
@@ -106,7 +125,7 @@ import shutil
 import tempfile
 import zlib
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -119,6 +138,8 @@ from .errors import (
     NotFhirError,
     NotJsonError,
 )
+from .facts import reads_resource
+from .terminology import Terminology, default_terminology
 
 try:  # orjson parses a 700 kB Synthea bundle several times faster than json
     import orjson
@@ -173,11 +194,16 @@ class ReadResult:
     problems: list[InputError]  #: every rejected file, line or resource, in the order met
 
 
-def read_paths(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str], *, validate: bool = True) -> ReadResult:
+def read_paths(
+    paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str],
+    *,
+    validate: bool = True,
+    terminology: Terminology | None = None,
+) -> ReadResult:
     """Read every path and group the relevant resources by patient. Never raises `InputError`."""
     patients: list[PatientRecord] = []
     problems: list[InputError] = []
-    for item in iter_records(paths, validate=validate):
+    for item in iter_records(paths, validate=validate, terminology=terminology):
         if isinstance(item, PatientRecord):
             patients.append(item)
         else:
@@ -190,6 +216,7 @@ def iter_records(
     *,
     validate: bool = True,
     spool_limit: int | None = None,
+    terminology: Terminology | None = None,
 ) -> Iterator[PatientRecord | InputError]:
     """Yield problems met while reading, then one `PatientRecord` per patient, sorted by patient_ref.
 
@@ -201,6 +228,11 @@ def iter_records(
     builds one record at a time. Validation runs lazily, record by record, as records are
     yielded; a record's validation problems are yielded just before it.
 
+    `validate` checks the resources the facts stage reads, as `terminology` (the value sets
+    the records will be assessed with; default: the shipped ones) recognises them: see
+    "What is validated" in the module docstring. Pass the assessor's terminology when
+    assessing with other value sets, so that what is read is what was validated.
+
     `spool_limit` is how much index to hold before spilling it to disk (default
     `SPOOL_LIMIT`; an NDJSON line counts 1, a resource from a Bundle or JSON file, held
     parsed, counts `INLINE_WEIGHT`). It changes memory and temporary disk use, never results.
@@ -210,7 +242,10 @@ def iter_records(
         for path in _expand(paths):
             for problem in _read_file(path, spool):
                 yield problem
-        yield from spool.records(validate=validate)
+        if validate:
+            yield from spool.records(validate=_validation_filter(terminology or default_terminology()))
+        else:
+            yield from spool.records(validate=None)
     finally:
         spool.close()
 
@@ -627,7 +662,8 @@ class _Spool:
                 run.unlink()
             self.runs.append(path)
 
-    def records(self, *, validate: bool) -> Iterator[PatientRecord | InputError]:
+    def records(self, *, validate: Callable[[dict], bool] | None) -> Iterator[PatientRecord | InputError]:
+        """One record per patient; `validate`, if given, says which resources to validate."""
         if self.runs:
             self._merge_runs()
         cross = self._cross_patient_keys()
@@ -635,7 +671,9 @@ class _Spool:
         for pid, group in itertools.groupby(self._all_entries(), key=lambda e: e[0]):
             yield from self._record(pid, list(group), decisions, validate)
 
-    def _record(self, pid: str, entries: list[tuple], decisions: dict[int, int], validate: bool) -> Iterator[PatientRecord | InputError]:
+    def _record(
+        self, pid: str, entries: list[tuple], decisions: dict[int, int], validate: Callable[[dict], bool] | None
+    ) -> Iterator[PatientRecord | InputError]:
         resources = self._load(entries)
         # key -> [position, item]; the first occurrence keeps its position, a newer one replaces it
         chosen: dict[tuple, list] = {}
@@ -670,7 +708,7 @@ class _Spool:
         items.sort(key=lambda it: it.resource["resourceType"] != "Patient")
         kept: list[dict] = []
         for it in items:
-            problem = _validate(it) if validate else None
+            problem = _validate(it) if validate is not None and validate(it.resource) else None
             if problem is None:
                 kept.append(it.resource)
             else:
@@ -725,6 +763,22 @@ def _model(resource_type: str) -> Any:
 
         model = _MODELS[resource_type] = get_fhir_model_class(resource_type)
     return model
+
+
+def _validation_filter(terminology: Terminology) -> Callable[[dict], bool]:
+    """Which resources to validate: those `facts.reads_resource` says the facts stage reads.
+
+    A resource on which that test raises is malformed in a way the facts stage would trip
+    over too, so it is validated (and rejected, with the pydantic messages) rather than guessed at.
+    """
+
+    def needs_validation(resource: dict) -> bool:
+        try:
+            return reads_resource(resource, terminology)
+        except Exception:  # noqa: BLE001 - any failure of the test means "validate it"
+            return True
+
+    return needs_validation
 
 
 def _validate(item: _Item) -> InvalidResourceError | None:
