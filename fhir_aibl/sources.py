@@ -140,6 +140,7 @@ from .errors import (
 )
 from .facts import reads_resource
 from .terminology import Terminology, default_terminology
+from .validation import ValidationMemo
 
 try:  # orjson parses a 700 kB Synthea bundle several times faster than json
     import orjson
@@ -478,6 +479,7 @@ class _Spool:
         self.tmp: Path | None = None
         self._fds: dict[int, int] = {}
         self._names = itertools.count()
+        self._memo = ValidationMemo()  # shapes that passed validation, for this reading only
 
     # -- first pass ------------------------------------------------------------------------
     def add(self, resource: dict, where: str, file: str, *, label: str | None, urns: dict | None,
@@ -708,7 +710,7 @@ class _Spool:
         items.sort(key=lambda it: it.resource["resourceType"] != "Patient")
         kept: list[dict] = []
         for it in items:
-            problem = _validate(it) if validate is not None and validate(it.resource) else None
+            problem = _validate(it, self._memo) if validate is not None and validate(it.resource) else None
             if problem is None:
                 kept.append(it.resource)
             else:
@@ -750,19 +752,7 @@ def _instant(value: Any) -> datetime | None:
 
 # --------------------------------------------------------------------------- validation
 
-_MODELS: dict[str, Any] = {}
 _MAX_REASONS = 3
-
-
-def _model(resource_type: str) -> Any:
-    model = _MODELS.get(resource_type)
-    if model is None:
-        # Imported on first use: loading the fhir.resources models costs ~0.5 s, and
-        # validate=False callers should not pay it.
-        from fhir.resources.R4B import get_fhir_model_class
-
-        model = _MODELS[resource_type] = get_fhir_model_class(resource_type)
-    return model
 
 
 def _validation_filter(terminology: Terminology) -> Callable[[dict], bool]:
@@ -781,23 +771,23 @@ def _validation_filter(terminology: Terminology) -> Callable[[dict], bool]:
     return needs_validation
 
 
-def _validate(item: _Item) -> InvalidResourceError | None:
+def _validate(item: _Item, memo: ValidationMemo | None = None) -> InvalidResourceError | None:
     from pydantic import ValidationError
 
     resource = item.resource
+    exc = (memo or ValidationMemo(limit=0)).problem(resource)
+    if exc is None:
+        return None
     label = item.label or _label(resource, None)
-    try:
-        _model(resource["resourceType"]).model_validate(resource)
-    except ValidationError as exc:
+    if isinstance(exc, ValidationError):
         errors = exc.errors(include_url=False, include_input=False)
         reasons = [f"{_loc(err['loc'])}: {err['msg']}" for err in errors[:_MAX_REASONS]]
         more = f" (+{len(errors) - _MAX_REASONS} more)" if len(errors) > _MAX_REASONS else ""
         return InvalidResourceError(
             f"fails FHIR R4 validation: {'; '.join(reasons)}{more}", source=item.where, resource=label
         )
-    except (ValueError, TypeError) as exc:  # fhir.resources raises these for a few root-level checks
-        return InvalidResourceError(f"fails FHIR R4 validation: {_first_line(exc)}", source=item.where, resource=label)
-    return None
+    # fhir.resources raises ValueError/TypeError for a few root-level checks
+    return InvalidResourceError(f"fails FHIR R4 validation: {_first_line(exc)}", source=item.where, resource=label)
 
 
 def _loc(loc: tuple) -> str:
