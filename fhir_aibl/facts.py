@@ -571,11 +571,14 @@ MEDICATION_CLASSES = frozenset(
 )
 
 
+_OBSERVATION_VALUESETS = ("dxa", "observations", "conditions")
+
+
 def _observation_code_read(code: Any, term: Terminology) -> bool:
-    dxa = term.first("dxa", code)
+    dxa, observation, condition = term.firsts(_OBSERVATION_VALUESETS, code)
     if dxa is not None:
         return bool(dxa.get("measure"))  # a DXA study or panel code: its results are in the components
-    return bool(term.first("observations", code) or term.first("conditions", code))
+    return bool(observation or condition)
 
 
 def observation_parts(res: Mapping[str, Any], term: Terminology) -> list[tuple[Any, Mapping[str, Any]]]:
@@ -583,9 +586,11 @@ def observation_parts(res: Mapping[str, Any], term: Terminology) -> list[tuple[A
 
     The holder is the Observation itself for `code`, or one of its components.
     """
-    parts = [(res.get("code"), res)]
-    parts += [(c.get("code"), c) for c in res.get("component") or [] if isinstance(c, dict)]
-    return [(code, holder) for code, holder in parts if _observation_code_read(code, term)]
+    found = [(res.get("code"), res)] if _observation_code_read(res.get("code"), term) else []
+    components = res.get("component")
+    if components:
+        found += [(c.get("code"), c) for c in components if isinstance(c, dict) and _observation_code_read(c.get("code"), term)]
+    return found
 
 
 def condition_concepts(res: Mapping[str, Any], term: Terminology) -> list:

@@ -176,6 +176,7 @@ _PATIENT_ELEMENTS = ("subject", "patient")
 _REF_RE = re.compile(
     r"(?:^|/)(?P<type>[A-Z][A-Za-z]+)/(?P<id>[A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?/?$"
 )
+_ID_RE = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 _URN_PREFIXES = ("urn:uuid:", "urn:oid:")
 _BOM = b"\xef\xbb\xbf"
 
@@ -410,6 +411,8 @@ def _patient_id(resource: dict, urns: dict[str, tuple[str, str]] | None) -> tupl
             kind = "only an identifier" if "identifier" in ref else "no reference"
             seen.append(f"{element} has {kind}")  # logical references cannot be matched to a Patient here
             continue
+        if value.startswith("Patient/") and _ID_RE.fullmatch(value, 8):
+            return value[8:], ""  # the usual relative form, as the full pattern below would read it
         value = value.strip()
         if value.startswith(_URN_PREFIXES):
             target = urns.get(value) if urns is not None else None
@@ -677,45 +680,49 @@ class _Spool:
         self, pid: str, entries: list[tuple], decisions: dict[int, int], validate: Callable[[dict], bool] | None
     ) -> Iterator[PatientRecord | InputError]:
         resources = self._load(entries)
-        # key -> [position, item]; the first occurrence keeps its position, a newer one replaces it
+        files = self.files
+        # key -> [position, resource, entry]; the first occurrence keeps its position, a newer one replaces it
         chosen: dict[tuple, list] = {}
         for entry, resource in zip(entries, resources):
-            if isinstance(entry[6], dict):
-                fidx, where, label = entry[3], entry[4], entry[5]
-            else:
-                fidx, where = entry[3], f"{self.files[entry[3]]}:{entry[4]}"
-                if resource is None:  # the file changed between the two passes: never guess
-                    yield InputError("changed while being read; line not used", source=where)
-                    continue
-                label = None  # Type/id, worked out by _validate if it is needed
-            decision = decisions.get(entry[1])
+            if resource is None:  # an NDJSON line that changed between the two passes: never guess
+                yield InputError("changed while being read; line not used", source=f"{files[entry[3]]}:{entry[4]}")
+                continue
+            seq = entry[1]
+            decision = decisions.get(seq) if decisions else None
             if decision == _DROP:
                 continue
-            item = _Item(resource, where, self.files[fidx], label)
             rid = resource.get("id")
-            key: tuple = (resource["resourceType"], rid) if isinstance(rid, str) and rid else ("", entry[1])
+            key: tuple = (resource["resourceType"], rid) if isinstance(rid, str) and rid else ("", seq)
             if decision is not None:
-                chosen[key] = [decision, item]
+                chosen[key] = [decision, resource, entry]
                 continue
             known = chosen.get(key)
             if known is None:
-                chosen[key] = [entry[1], item]
-            elif _is_newer(resource, known[1].resource):
-                known[1] = item  # keep the original position in read order
+                chosen[key] = [seq, resource, entry]
+            elif _is_newer(resource, known[1]):
+                known[1], known[2] = resource, entry  # keep the original position in read order
         if not chosen:
             return
-        items = [item for _pos, item in sorted(chosen.values(), key=lambda pi: pi[0])]
-        sources = list(dict.fromkeys(it.file for it in items))  # read order, before the Patient moves up
+        ordered = sorted(chosen.values(), key=lambda c: c[0])
+        sources = list(dict.fromkeys(files[entry[3]] for _pos, _res, entry in ordered))  # read order
         # The Patient first; the rest keep read order (sort is stable).
-        items.sort(key=lambda it: it.resource["resourceType"] != "Patient")
+        ordered.sort(key=lambda c: c[1]["resourceType"] != "Patient")
         kept: list[dict] = []
-        for it in items:
-            problem = _validate(it, self._memo) if validate is not None and validate(it.resource) else None
-            if problem is None:
-                kept.append(it.resource)
-            else:
-                yield problem
+        for _pos, resource, entry in ordered:
+            if validate is not None and validate(resource):
+                problem = _validate(self._item(resource, entry), self._memo)
+                if problem is not None:
+                    yield problem
+                    continue
+            kept.append(resource)
         yield PatientRecord(patient_ref=f"Patient/{pid}", resources=kept, sources=sources)
+
+    def _item(self, resource: dict, entry: tuple) -> _Item:
+        """Where a resource came from, for its error report: file:line of an NDJSON line, else the Bundle entry."""
+        file = self.files[entry[3]]
+        if isinstance(entry[6], dict):
+            return _Item(resource, entry[4], file, entry[5])
+        return _Item(resource, f"{file}:{entry[4]}", file, None)  # label None: Type/id, worked out if needed
 
     def close(self) -> None:
         for fd in self._fds.values():

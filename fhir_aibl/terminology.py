@@ -88,7 +88,7 @@ class Terminology:
         # Every Observation of a record is looked up, most of them with the same few vital-sign
         # and lab codes; the answer depends only on the arguments, so it is remembered.
         # Entries are written whole (one dict store), so sharing between threads is safe.
-        self._lookups: dict[tuple, Concept | None] = {}
+        self._lookups: dict[tuple, Any] = {}
 
     # -- loading ---------------------------------------------------------------------------
     @classmethod
@@ -243,6 +243,34 @@ class Terminology:
     def first(self, vs_id: str, codeable: Any) -> Concept | None:
         hits = self.match(vs_id, codeable)
         return hits[0] if hits else None
+
+    def firsts(self, vs_ids: tuple[str, ...], codeable: Any) -> tuple[Concept | None, ...]:
+        """`tuple(self.first(v, codeable) for v in vs_ids)`, in one pass over the codings.
+
+        Every Observation of a record is asked about three value sets; one remembered answer
+        per coding does it in one look-up where three `first` calls take three.
+        """
+        found: list[Concept | None] = [None] * len(vs_ids)
+        codings = codeable.get("coding") if isinstance(codeable, dict) else None
+        for coding in codings if isinstance(codings, list) else _codings(codeable):
+            if not isinstance(coding, dict):
+                continue
+            system, code = coding.get("system"), coding.get("code")
+            if not system or code is None:
+                continue
+            if type(system) is str and type(code) is str:
+                key = (vs_ids, system, code)
+                hits = self._lookups.get(key, _MISS)
+                if hits is _MISS:
+                    hits = tuple(self.lookup(v, system, code) for v in vs_ids)
+                    if len(self._lookups) < _LOOKUP_CACHE_MAX:
+                        self._lookups[key] = hits
+            else:
+                hits = tuple(self.lookup(v, system, code) for v in vs_ids)
+            for i, hit in enumerate(hits):
+                if found[i] is None and hit is not None:
+                    found[i] = hit
+        return tuple(found)
 
     def match_text(self, vs_id: str, text: str | None) -> Mapping[str, Any] | None:
         if not text:

@@ -66,6 +66,9 @@ _VARYING: dict[str, tuple[tuple[str, ...], ...]] = {
     "FamilyMemberHistory": _META + (("patient", "reference"), ("date",)),
     # Patient: one per record, every one different (names, identifiers): always validated in full.
 }
+#: Leaf values remembered as valid per reading, at most (then forgotten and started again).
+_LEAVES_LIMIT = 100_000
+_SCALARS = (str, int, float, bool)
 #: Stands where a replaced leaf was.
 _PLACEHOLDER = "\x00valid"
 
@@ -106,17 +109,31 @@ def _field_validator(model: Any, path: tuple[str, ...]) -> Callable[[Any], Any] 
     return None
 
 
-def _plan(resource_type: str) -> tuple[tuple[tuple[str, ...], Callable[[Any], Any]], ...]:
+_Checks = tuple[tuple[str, Callable[[Any], Any]], ...]
+
+
+def _plan(resource_type: str) -> tuple[_Checks, tuple[tuple[str, _Checks], ...]]:
+    """(top-level leaves, (element, its leaves) ...) with the validator of each; paths are one or two deep."""
     plan = _PLANS.get(resource_type)
     if plan is None:
         model = model_for(resource_type)
-        found = []
+        top: list[tuple[str, Callable[[Any], Any]]] = []
+        nested: dict[str, list[tuple[str, Callable[[Any], Any]]]] = {}
         for path in _VARYING.get(resource_type, ()):
             check = _field_validator(model, path)
-            if check is not None:
-                found.append((path, check))
-        plan = _PLANS[resource_type] = tuple(found)
+            if check is None:
+                continue
+            if len(path) == 1:
+                top.append((path[0], check))
+            elif len(path) == 2:
+                nested.setdefault(path[0], []).append((path[1], check))
+        plan = _PLANS[resource_type] = (tuple(top), tuple((name, tuple(leaves)) for name, leaves in nested.items()))
     return plan
+
+
+def _planned_paths(resource_type: str) -> set[tuple[str, ...]]:
+    top, nested = _plan(resource_type)
+    return {(leaf,) for leaf, _c in top} | {(name, leaf) for name, leaves in nested for leaf, _c in leaves}
 
 
 class ValidationMemo:
@@ -125,6 +142,9 @@ class ValidationMemo:
     def __init__(self, limit: int = MEMO_LIMIT) -> None:
         self.limit = limit
         self._valid: set[bytes] = set()
+        # (validator, type, value) of leaf values that passed: a patient's subject, an
+        # encounter's reference and date recur across resources. The validators are pure.
+        self._leaves: set[tuple] = set()
 
     def problem(self, resource: dict) -> Exception | None:
         from pydantic import ValidationError
@@ -141,36 +161,46 @@ class ValidationMemo:
             self._valid.add(shape)
         return None
 
-    @staticmethod
-    def _shape(resource: dict, rtype: str) -> bytes | None:
+    def _shape(self, resource: dict, rtype: str) -> bytes | None:
         """The resource with its varying leaves replaced, serialised; None if one of them is not valid."""
-        from pydantic import ValidationError
-
-        shape = dict(resource)
-        copied: set[int] = set()  # dicts on a path already copied: never write into the input
-        for path, check in _plan(rtype):
-            parent = shape
-            for name in path[:-1]:
-                child = parent.get(name)
-                if not isinstance(child, dict):
-                    break
-                if id(child) not in copied:
-                    child = parent[name] = dict(child)
-                    copied.add(id(child))
-                parent = child
-            else:
-                leaf = path[-1]
-                if leaf not in parent:
-                    continue
-                value = parent[leaf]
-                if value is None:
-                    return None  # a null is the models' business (and rare): validate in full
-                try:
-                    check(value)
-                except (ValidationError, ValueError, TypeError):
+        top, nested = _plan(rtype)
+        shape = dict(resource)  # copies only: never write into the input
+        for leaf, check in top:
+            if leaf in shape:
+                if not self._passes(check, shape[leaf]):
                     return None
-                parent[leaf] = _PLACEHOLDER
+                shape[leaf] = _PLACEHOLDER
+        for name, leaves in nested:
+            child = shape.get(name)
+            if not isinstance(child, dict):
+                continue
+            child = shape[name] = dict(child)
+            for leaf, check in leaves:
+                if leaf in child:
+                    if not self._passes(check, child[leaf]):
+                        return None
+                    child[leaf] = _PLACEHOLDER
         try:
             return orjson.dumps(shape)
         except (TypeError, orjson.JSONEncodeError):  # not JSON (a resource built in Python): validate in full
             return None
+
+    def _passes(self, check: Callable[[Any], Any], value: Any) -> bool:
+        from pydantic import ValidationError
+
+        if value is None:
+            return False  # a null is the models' business (and rare): validate in full
+        scalar = type(value) in _SCALARS
+        if scalar:
+            seen = (check, type(value), value)  # the type too: 1, 1.0 and True are equal keys
+            if seen in self._leaves:
+                return True
+        try:
+            check(value)
+        except (ValidationError, ValueError, TypeError):
+            return False
+        if scalar:
+            if len(self._leaves) >= _LEAVES_LIMIT:
+                self._leaves.clear()
+            self._leaves.add(seen)
+        return True
