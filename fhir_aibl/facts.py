@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import calendar
 import datetime as dt
+import functools
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -51,6 +52,13 @@ def parse_date(value: Any) -> dt.date | None:
     """The date of a FHIR date, dateTime or instant; a partial date is taken at its earliest day."""
     if not isinstance(value, str):
         return None
+    return _parse_date(value)
+
+
+# The vital signs of one encounter share a timestamp, and every dated fact is measured
+# against the same as_of: both functions are pure, so recent answers are kept.
+@functools.lru_cache(maxsize=4096)
+def _parse_date(value: str) -> dt.date | None:
     m = _DATE.match(value.strip())
     if not m:
         return None
@@ -89,6 +97,7 @@ def _whole_months(later: dt.date, earlier: dt.date) -> tuple[int, int]:
     return months, (later - anchor).days
 
 
+@functools.lru_cache(maxsize=4096)
 def months_between(earlier: dt.date, later: dt.date) -> float:
     """Calendar months from `earlier` to `later`: whole months plus a fraction for leftover days.
 
