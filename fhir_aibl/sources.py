@@ -307,7 +307,7 @@ def _read_ndjson(path: Path, source: str, grouping: _Spool) -> Iterator[InputErr
             if lineno == 1 and line.startswith(_BOM):
                 line = line[3:]
                 start += 3
-            if not line.strip():
+            if not line or line.isspace():
                 continue  # a trailing newline or blank separator line is not an error
             where = f"{source}:{lineno}"
             try:
@@ -316,7 +316,15 @@ def _read_ndjson(path: Path, source: str, grouping: _Spool) -> Iterator[InputErr
                 yield NotJsonError(f"line {lineno} is not JSON: {_first_line(exc)}", source=where)
                 continue
             # Where the line is, so that the second pass reads it again instead of holding it.
-            yield from _read_object(obj, where, source, grouping, line=(lineno, start, len(line), zlib.crc32(line)))
+            at = (lineno, start, len(line), zlib.crc32(line))
+            rtype = obj.get("resourceType") if type(obj) is dict else None
+            if type(rtype) is str and rtype != "Bundle":  # the usual line, one resource: as _read_object would
+                if rtype in RELEVANT_TYPES:
+                    problem = grouping.add(obj, where, source, label=None, urns=None, line=at)
+                    if problem is not None:
+                        yield problem
+                continue
+            yield from _read_object(obj, where, source, grouping, line=at)
 
 
 def _read_object(
@@ -329,7 +337,9 @@ def _read_object(
     if obj["resourceType"] == "Bundle":
         yield from _read_bundle(obj, where, file, "", grouping)
     elif obj["resourceType"] in RELEVANT_TYPES:
-        yield from grouping.add(obj, where, file, label=None, urns=None, line=line)
+        problem = grouping.add(obj, where, file, label=None, urns=None, line=line)
+        if problem is not None:
+            yield problem
 
 
 # --------------------------------------------------------------------------- Bundles
@@ -363,7 +373,9 @@ def _read_bundle(bundle: dict, where: str, file: str, prefix: str, grouping: _Sp
             from_urn = urn_id(entry.get("fullUrl"))
             if from_urn:
                 resource["id"] = from_urn  # stable evidence reference: Observation/<uuid>
-        yield from grouping.add(resource, where, file, label=_label(resource, label), urns=urns)
+        problem = grouping.add(resource, where, file, label=_label(resource, label), urns=urns)
+        if problem is not None:
+            yield problem
 
 
 def fullurl_index(entries: list) -> dict[str, tuple[str, str]]:
@@ -486,12 +498,11 @@ class _Spool:
 
     # -- first pass ------------------------------------------------------------------------
     def add(self, resource: dict, where: str, file: str, *, label: str | None, urns: dict | None,
-            line: tuple[int, int, int, int] | None = None) -> Iterator[InputError]:
-        """Index one relevant resource. `label` None means `Type/id` (worked out only if needed)."""
+            line: tuple[int, int, int, int] | None = None) -> InputError | None:
+        """Index one relevant resource, or say why not. `label` None means `Type/id` (worked out only if needed)."""
         pid, why = _patient_id(resource, urns)
         if pid is None:
-            yield NoUsableDataError(f"no patient reference ({why})", source=where, resource=label or _label(resource, None))
-            return
+            return NoUsableDataError(f"no patient reference ({why})", source=where, resource=label or _label(resource, None))
         fidx = self._file_index.get(file)
         if fidx is None:
             fidx = self._file_index[file] = len(self.files)
@@ -507,6 +518,7 @@ class _Spool:
             self.weight += INLINE_WEIGHT
         if self.weight >= self.limit:
             self._spill()
+        return None
 
     def _spill(self) -> None:
         if self.tmp is None:
