@@ -379,3 +379,11 @@ def test_json_output_is_streamed_per_patient(capsys, monkeypatch):
     code, out, err = run(capsys, "assess", BUNDLES / "V10.json", BUNDLES / "V11.json", "--format", "json", "--as-of", AS_OF)
     assert code == 0 and seen
     assert [d["patient"] for d in json.loads(out)] == ["Patient/v10", "Patient/v11"]
+
+
+def test_assess_restores_the_collector_thresholds(capsys):
+    import gc
+
+    before = gc.get_threshold()
+    code, _out, _err = run(capsys, "assess", BUNDLES / "V10.json", "--format", "json", "--as-of", AS_OF)
+    assert code == 0 and gc.get_threshold() == before
