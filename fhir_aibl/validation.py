@@ -34,6 +34,7 @@ so memory stays bounded whatever the input.
 
 from __future__ import annotations
 
+import functools
 import typing
 from collections.abc import Callable
 from typing import Any
@@ -44,6 +45,20 @@ except ImportError:  # pragma: no cover - without orjson every resource is valid
     orjson = None  # type: ignore[assignment]
 
 __all__ = ["MEMO_LIMIT", "ValidationMemo", "model_for"]
+
+
+def _checked_versions() -> bool:
+    """True on the fhir.resources / fhir_core major versions the argument above was checked against.
+
+    A later major version might add validators that compare fields (FHIRPath invariants);
+    there the memo stands aside and every resource is validated in full until it is re-checked.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fhir.resources").split(".")[0] == "8" and version("fhir_core").split(".")[0] == "1"
+    except PackageNotFoundError:  # pragma: no cover - installed some other way: do not assume
+        return False
 
 #: Shapes remembered per reading; ~1 kB each. A synthetic population of any size has a few thousand.
 MEMO_LIMIT = 20_000
@@ -73,6 +88,7 @@ _SCALARS = (str, int, float, bool)
 _PLACEHOLDER = "\x00valid"
 
 _MODELS: dict[str, Any] = {}
+_MEMO_SOUND = functools.lru_cache(maxsize=1)(_checked_versions)
 _PLANS: dict[str, tuple[tuple[tuple[str, ...], Callable[[Any], Any]], ...]] = {}
 
 
@@ -140,7 +156,7 @@ class ValidationMemo:
     """`problem(resource)`: None if the R4B model accepts it, else the exception; remembers shapes that passed."""
 
     def __init__(self, limit: int = MEMO_LIMIT) -> None:
-        self.limit = limit
+        self.limit = limit if _MEMO_SOUND() else 0
         self._valid: set[bytes] = set()
         # (validator, type, value) of leaf values that passed: a patient's subject, an
         # encounter's reference and date recur across resources. The validators are pure.
@@ -150,7 +166,8 @@ class ValidationMemo:
         from pydantic import ValidationError
 
         rtype = resource["resourceType"]
-        shape = self._shape(resource, rtype) if orjson is not None and rtype in _VARYING else None
+        remember = self.limit > 0 and orjson is not None and rtype in _VARYING
+        shape = self._shape(resource, rtype) if remember else None
         if shape is not None and shape in self._valid:
             return None
         try:

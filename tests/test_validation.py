@@ -146,3 +146,13 @@ def test_every_listed_leaf_is_a_plain_field_of_the_model(rtype):
     planned = _planned_paths(rtype)
     missing = [p for p in _VARYING[rtype] if p not in planned]
     assert not missing, missing
+
+
+def test_memo_stands_aside_on_unchecked_library_versions(monkeypatch):
+    from fhir_aibl import validation
+
+    monkeypatch.setattr(validation, "_MEMO_SOUND", lambda: False)
+    memo = ValidationMemo()
+    for res in population(3):
+        assert memo.problem(res) is None
+    assert memo.limit == 0 and not memo._valid
