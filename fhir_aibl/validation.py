@@ -60,8 +60,9 @@ def _checked_versions() -> bool:
     except PackageNotFoundError:  # pragma: no cover - installed some other way: do not assume
         return False
 
-#: Shapes remembered per reading; ~1 kB each. A synthetic population of any size has a few thousand.
-MEMO_LIMIT = 20_000
+#: Shapes remembered per reading, ~1 kB each (5 MB at most). The common shapes come early and
+#: recur; the rest (a medication's dosage details) are mostly one-offs, not worth keeping.
+MEMO_LIMIT = 5_000
 
 #: The leaves that make resources of one kind differ: identity, patient, encounter, times and
 #: the measured value. Paths of dict keys; lists are never entered (a list leaf stays literal).
@@ -81,8 +82,9 @@ _VARYING: dict[str, tuple[tuple[str, ...], ...]] = {
     "FamilyMemberHistory": _META + (("patient", "reference"), ("date",)),
     # Patient: one per record, every one different (names, identifiers): always validated in full.
 }
-#: Leaf values remembered as valid per reading, at most (then forgotten and started again).
-_LEAVES_LIMIT = 100_000
+#: Leaf values remembered as valid per reading (~4 MB at most; then forgotten and started again):
+#: the repeats that matter are within one patient's record, which is read in one piece.
+_LEAVES_LIMIT = 20_000
 _SCALARS = (str, int, float, bool)
 #: Stands where a replaced leaf was.
 _PLACEHOLDER = "\x00valid"
