@@ -2,7 +2,7 @@
 
     python bench/workers.py engine [--patients 2000] [--evaluations 50000] [--seed 1]
     python bench/workers.py parse DIR
-    python bench/workers.py assess DIR [--variant shipped|selected-validation|no-validation]
+    python bench/workers.py assess DIR [--variant shipped|no-validation]
     python bench/workers.py cli DIR
 
 Each prints one JSON object on its last line of stdout. A fresh process per measurement
@@ -134,90 +134,12 @@ def parse(args: argparse.Namespace) -> dict:
     return {"lines": lines, "bytes": size, "seconds": round(seconds, 3), "peak_rss_mb": peak_rss_mb()}
 
 
-def _selected_validator(assessor):
-    """What `validate only what the facts read` would validate: the proposed change, measured.
-
-    A resource is validated if the facts stage could read it: the Patient, FamilyMemberHistory,
-    and Observations, Conditions and medications whose code the value sets recognise (the
-    same tests facts.py applies before it reads anything). Everything else is left alone, as
-    facts.py leaves it alone.
-    """
-    from fhir.resources.R4B import get_fhir_model_class
-    from pydantic import ValidationError
-
-    term = assessor.terminology
-    models: dict = {}
-
-    def recognised(res: dict) -> bool:
-        rtype = res["resourceType"]
-        if rtype in ("Patient", "FamilyMemberHistory"):
-            return True
-        if rtype == "Observation":
-            codes = [res.get("code")] + [c.get("code") for c in res.get("component") or [] if isinstance(c, dict)]
-            return any(term.first("dxa", c) or term.first("observations", c) or term.first("conditions", c) for c in codes)
-        if rtype == "Condition":
-            return bool(term.match("conditions", res.get("code")))
-        concept = res.get("medicationCodeableConcept")
-        return concept is None or bool(term.match("medications", concept))  # contained Medication: validate
-
-    def validate(resources: list[dict]) -> tuple[list[dict], int]:
-        kept, rejected = [], 0
-        for res in resources:
-            if recognised(res):
-                model = models.get(res["resourceType"])
-                if model is None:
-                    model = models[res["resourceType"]] = get_fhir_model_class(res["resourceType"])
-                try:
-                    model.model_validate(res)
-                except (ValidationError, ValueError, TypeError):
-                    rejected += 1
-                    continue
-            kept.append(res)
-        return kept, rejected
-
-    return validate
-
-
-def _evidence_validator(assessor):
-    """Validate only the resources facts were drawn from; drop a failing one and extract again.
-
-    The other proposed change: only a resource behind a fact can change an assessment, so
-    only those need the FHIR R4 models (about 20 of a 150-resource record: the latest BMI,
-    each DXA, the medications); the record is assessed again without any that fail.
-    """
-    from fhir.resources.R4B import get_fhir_model_class
-    from pydantic import ValidationError
-
-    models: dict = {}
-
-    def assess(patient_ref: str, resources: list[dict]):
-        result = assessor.assess(patient_ref, resources, AS_OF)
-        cited = {ref.split("/_history/")[0] for fact in result.facts.facts for ref in fact.get("refs") or ()}
-        bad = []
-        for res in resources:
-            if f"{res['resourceType']}/{res.get('id')}" in cited:
-                model = models.get(res["resourceType"])
-                if model is None:
-                    model = models[res["resourceType"]] = get_fhir_model_class(res["resourceType"])
-                try:
-                    model.model_validate(res)
-                except (ValidationError, ValueError, TypeError):
-                    bad.append(id(res))
-        if bad:
-            resources = [r for r in resources if id(r) not in bad]
-            result = assessor.assess(patient_ref, resources, AS_OF)
-        return result, len(bad)
-
-    return assess
-
-
 def assess(args: argparse.Namespace) -> dict:
     """The pipeline `fhir-aibl assess` runs, streamed: records in, one contract line out per patient.
 
-    Variants: `shipped` is the reader as shipped (validates every relevant resource);
-    `selected-validation` validates only resources whose codes the facts stage recognises,
-    `evidence-validation` only those facts were drawn from (two proposed changes);
-    `no-validation` validates nothing (the cost of everything else).
+    Variants: `shipped` is the reader as shipped (validates the resources the facts stage
+    reads, with the assessor's value sets, as `fhir-aibl assess` does); `no-validation`
+    validates nothing (the cost of everything else).
     """
     import orjson
 
@@ -229,26 +151,17 @@ def assess(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     assessor = Assessor()
     setup = time.perf_counter() - t0
-    validate_selected = _selected_validator(assessor) if args.variant == "selected-validation" else None
-    assess_evidence = _evidence_validator(assessor) if args.variant == "evidence-validation" else None
     patients = problems = resources = 0
     rss_samples = []
     t0 = time.perf_counter()
     with open(os.devnull, "wb") as sink:
-        for item in iter_records([args.dir], validate=args.variant == "shipped"):
+        records = iter_records([args.dir], validate=args.variant == "shipped", terminology=assessor.terminology)
+        for item in records:
             if not isinstance(item, PatientRecord):
                 problems += 1
                 continue
-            records = item.resources
-            if validate_selected is not None:
-                records, rejected = validate_selected(records)
-                problems += rejected
             try:
-                if assess_evidence is not None:
-                    result, rejected = assess_evidence(item.patient_ref, records)
-                    problems += rejected
-                else:
-                    result = assessor.assess(item.patient_ref, records, AS_OF)
+                result = assessor.assess(item.patient_ref, item.resources, AS_OF)
             except AiblError:
                 problems += 1
                 continue
@@ -299,8 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dir", type=Path)
     a = sub.add_parser("assess")
     a.add_argument("dir", type=Path)
-    a.add_argument("--variant", choices=("shipped", "selected-validation", "evidence-validation", "no-validation"),
-                   default="shipped")
+    a.add_argument("--variant", choices=("shipped", "no-validation"), default="shipped")
     c = sub.add_parser("cli")
     c.add_argument("dir", type=Path)
     args = parser.parse_args(argv)

@@ -21,14 +21,14 @@ are declared, for reviewers, under `facts:` in `rules/aibl.yaml`.
 
 from __future__ import annotations
 
+import calendar
 import datetime as dt
+import functools
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-
-from dateutil.relativedelta import relativedelta
 
 from .terminology import Terminology
 
@@ -52,6 +52,13 @@ def parse_date(value: Any) -> dt.date | None:
     """The date of a FHIR date, dateTime or instant; a partial date is taken at its earliest day."""
     if not isinstance(value, str):
         return None
+    return _parse_date(value)
+
+
+# The vital signs of one encounter share a timestamp, and every dated fact is measured
+# against the same as_of: both functions are pure, so recent answers are kept.
+@functools.lru_cache(maxsize=4096)
+def _parse_date(value: str) -> dt.date | None:
     m = _DATE.match(value.strip())
     if not m:
         return None
@@ -62,6 +69,35 @@ def parse_date(value: Any) -> dt.date | None:
         return None
 
 
+def _add_months(day: dt.date, months: int) -> dt.date:
+    """`day` moved by whole calendar months, clamped to the end of a shorter month (Jan 31 + 1 = Feb 28/29)."""
+    year, month = divmod(day.month - 1 + months, 12)
+    year += day.year
+    return dt.date(year, month + 1, min(day.day, calendar.monthrange(year, month + 1)[1]))
+
+
+def _whole_months(later: dt.date, earlier: dt.date) -> tuple[int, int]:
+    """(whole calendar months, leftover days) of `later - earlier`, both negative if `later` is earlier.
+
+    The arithmetic of dateutil's `relativedelta(later, earlier)` (months first, counted from
+    `earlier` with a month end clamped, the rest in days), done directly: it runs for every
+    dated Observation, and relativedelta costs about 8 us a call (tests/test_facts.py checks
+    that they agree).
+    """
+    months = (later.year - earlier.year) * 12 + later.month - earlier.month
+    anchor = _add_months(earlier, months)
+    if later < earlier:
+        while later > anchor:
+            months += 1
+            anchor = _add_months(earlier, months)
+    else:
+        while later < anchor:
+            months -= 1
+            anchor = _add_months(earlier, months)
+    return months, (later - anchor).days
+
+
+@functools.lru_cache(maxsize=4096)
 def months_between(earlier: dt.date, later: dt.date) -> float:
     """Calendar months from `earlier` to `later`: whole months plus a fraction for leftover days.
 
@@ -71,13 +107,14 @@ def months_between(earlier: dt.date, later: dt.date) -> float:
     sign = 1
     if later < earlier:
         earlier, later, sign = later, earlier, -1
-    rd = relativedelta(later, earlier)
-    whole = rd.years * 12 + rd.months
-    return sign * round(whole + rd.days / 31.0, 3)
+    whole, days = _whole_months(later, earlier)
+    return sign * round(whole + days / 31.0, 3)
 
 
 def age_in_years(birth: dt.date, on: dt.date) -> int:
-    return relativedelta(on, birth).years
+    """Whole years from `birth` to `on` (negative when `on` is before `birth`, towards zero)."""
+    months = _whole_months(on, birth)[0]
+    return months // 12 if months >= 0 else -(-months // 12)
 
 
 def reference_of(resource: Mapping[str, Any]) -> str:
@@ -144,6 +181,9 @@ class _Extractor:
         self.add("patient", [reference_of(res)], **fields)
 
     def observation(self, res: Mapping[str, Any], dxa_rows: list[dict]) -> None:
+        recognised = observation_parts(res, self.term)
+        if not recognised:
+            return
         status = res.get("status")
         keep = self.statuses["observation"]["keep"]
         when = parse_date(
@@ -154,11 +194,6 @@ class _Extractor:
             or res.get("issued")
         )
         ref = reference_of(res)
-        parts = [(res.get("code"), res)]
-        parts += [(c.get("code"), c) for c in res.get("component") or [] if isinstance(c, dict)]
-        recognised = [(code, holder) for code, holder in parts if self._recognised(code)]
-        if not recognised:
-            return
         if status not in keep:
             self.exclude(res, f"status {status}")
             return
@@ -186,12 +221,6 @@ class _Extractor:
             finding = self.term.first("conditions", code) or self.term.first("conditions", holder.get("valueCodeableConcept"))
             if finding is not None and finding.get("concept") == "family-hip-fracture":
                 self.add("condition", [ref], concept="family-hip-fracture", active=True)
-
-    def _recognised(self, code: Any) -> bool:
-        dxa = self.term.first("dxa", code)
-        if dxa is not None:
-            return bool(dxa.get("measure"))
-        return bool(self.term.first("observations", code) or self.term.first("conditions", code))
 
     def _number(self, holder: Mapping[str, Any], ref: str) -> tuple[float, str] | None:
         q = holder.get("valueQuantity")
@@ -292,7 +321,7 @@ class _Extractor:
         self._latest[key] = max(self._latest.get(key, (dt.date.min, None, None)), (when, ref, fields), key=_when_key)
 
     def condition(self, res: Mapping[str, Any]) -> None:
-        concepts = self.term.match("conditions", res.get("code"))
+        concepts = condition_concepts(res, self.term)
         if not concepts:
             return
         verification = _code_of(res.get("verificationStatus"))
@@ -350,15 +379,12 @@ class _Extractor:
 
     def medication(self, res: Mapping[str, Any], steroid_spans: list[tuple[dt.date, dt.date, str]]) -> None:
         rtype = res.get("resourceType")
-        code = res.get("medicationCodeableConcept") or self._contained_medication(res)
-        concepts = self.term.match("medications", code)
-        if not concepts:
+        found = medication_concept(res, self.term)
+        if found is None:
             return
-        concept, coded_route = _best_concept(concepts)
+        concept, coded_route = found
         route = coded_route or _dosage_route(res)
         cls = concept.get("class")
-        if cls not in ("aromatase-inhibitor", "bisphosphonate", "denosumab", "glucocorticoid", "testosterone", "gnrh-agonist"):
-            return
         ref = reference_of(res)
         if rtype == "MedicationAdministration":
             self._administration(res, concept, route, ref)
@@ -411,14 +437,6 @@ class _Extractor:
             ended=False,
             months_since=months_between(when, self.as_of),
         )
-
-    def _contained_medication(self, res) -> Any:
-        ref = ((res.get("medicationReference") or {}).get("reference") or "").lstrip("#")
-        for contained in res.get("contained") or []:
-            if isinstance(contained, dict) and contained.get("resourceType") == "Medication" and contained.get("id") == ref:
-                ingredients = [i.get("itemCodeableConcept") for i in contained.get("ingredient") or [] if isinstance(i, dict)]
-                return [contained.get("code")] + [i for i in ingredients if i]
-        return None
 
     def _e1_status(self, res) -> str:
         if res.get("resourceType") == "MedicationStatement":
@@ -547,6 +565,94 @@ class _Extractor:
             self.add("calcium_status", refs, **fields)
 
 
+# --------------------------------------------------------------------------- what is read
+#
+# What the facts stage reads of each resource is decided here, once: the extractor calls
+# these before it looks at anything else in a resource, and the file source calls
+# `reads_resource` to choose which resources to validate (sources.py), so the two cannot
+# drift apart. They expect FHIR shapes and may raise on other JSON (a `code` that is a
+# number); the reader validates a resource they raise on, so the extractor only ever meets
+# an unvalidated resource on which they answered "nothing read" without raising.
+
+#: Medication classes the rules read; a medication of any other class is not read.
+MEDICATION_CLASSES = frozenset(
+    {"aromatase-inhibitor", "bisphosphonate", "denosumab", "glucocorticoid", "testosterone", "gnrh-agonist"}
+)
+
+
+_OBSERVATION_VALUESETS = ("dxa", "observations", "conditions")
+
+
+def _observation_code_read(code: Any, term: Terminology) -> bool:
+    dxa, observation, condition = term.firsts(_OBSERVATION_VALUESETS, code)
+    if dxa is not None:
+        return bool(dxa.get("measure"))  # a DXA study or panel code: its results are in the components
+    return bool(observation or condition)
+
+
+def observation_parts(res: Mapping[str, Any], term: Terminology) -> list[tuple[Any, Mapping[str, Any]]]:
+    """(code, holder) of every part of an Observation whose code the value sets recognise.
+
+    The holder is the Observation itself for `code`, or one of its components.
+    """
+    found = [(res.get("code"), res)] if _observation_code_read(res.get("code"), term) else []
+    components = res.get("component")
+    if components:
+        found += [(c.get("code"), c) for c in components if isinstance(c, dict) and _observation_code_read(c.get("code"), term)]
+    return found
+
+
+def condition_concepts(res: Mapping[str, Any], term: Terminology) -> list:
+    """The conditions-value-set concepts a Condition's code carries."""
+    return term.match("conditions", res.get("code"))
+
+
+def medication_concept(res: Mapping[str, Any], term: Terminology) -> tuple[Any, str | None] | None:
+    """(concept, route its coding states) of a medication of a class the rules read, else None.
+
+    The code is `medicationCodeableConcept`, else the contained Medication that
+    `medicationReference` points to (its code and ingredients).
+    """
+    code = res.get("medicationCodeableConcept") or _contained_medication(res)
+    concepts = term.match("medications", code)
+    if not concepts:
+        return None
+    concept, coded_route = _best_concept(concepts)
+    if concept.get("class") not in MEDICATION_CLASSES:
+        return None
+    return concept, coded_route
+
+
+def _contained_medication(res: Mapping[str, Any]) -> Any:
+    ref = ((res.get("medicationReference") or {}).get("reference") or "").lstrip("#")
+    for contained in res.get("contained") or []:
+        if isinstance(contained, dict) and contained.get("resourceType") == "Medication" and contained.get("id") == ref:
+            ingredients = [i.get("itemCodeableConcept") for i in contained.get("ingredient") or [] if isinstance(i, dict)]
+            return [contained.get("code")] + [i for i in ingredients if i]
+    return None
+
+
+_MEDICATION_TYPES = frozenset({"MedicationStatement", "MedicationRequest", "MedicationAdministration"})
+
+
+def reads_resource(res: Mapping[str, Any], term: Terminology) -> bool:
+    """True if `extract_facts` could read anything of this resource; False if it never looks past its code.
+
+    The Patient and every FamilyMemberHistory are read (a FamilyMemberHistory's status alone
+    can make an `excluded` fact); an Observation, Condition or medication only when its code
+    is recognised, exactly as `extract_facts` decides; any other type never. May raise on a
+    resource that is not valid FHIR (a `code` that is a number): callers treat that as read.
+    """
+    rtype = res.get("resourceType")
+    if rtype == "Observation":
+        return bool(observation_parts(res, term))
+    if rtype == "Condition":
+        return bool(condition_concepts(res, term))
+    if rtype in _MEDICATION_TYPES:
+        return medication_concept(res, term) is not None
+    return rtype in ("Patient", "FamilyMemberHistory")
+
+
 def _mechanism_texts(res: Mapping[str, Any]) -> list[str]:
     """Where a record says how a fracture happened, when no code says it.
 
@@ -643,7 +749,7 @@ def extract_facts(patient_ref: str, resources: Iterable[Mapping[str, Any]], as_o
             ex.condition(res)
         elif rtype == "FamilyMemberHistory":
             ex.family_history(res)
-        elif rtype in ("MedicationStatement", "MedicationRequest", "MedicationAdministration"):
+        elif rtype in _MEDICATION_TYPES:
             ex.medication(res, steroid_spans)
     ex.flush_latest()
     ex.derived_measurements([f["refs"][0] for f in ex.facts if f["t"] == "patient"])

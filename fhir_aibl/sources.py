@@ -47,15 +47,34 @@ later `meta.lastUpdated`, else the first one read. A group with resources but no
 Patient resource is still a record, as is a Patient with nothing else: whether that is
 enough to assess is the assessment's decision, not the reader's.
 
-Why validation comes after selection
+What is validated, and why only that
 ------------------------------------
 Validating a resource against the `fhir.resources.R4B` pydantic models costs about
-100 µs (DESIGN.md: a 50-Observation bundle validates in 6 ms and parses in 0.07 ms).
-A Synthea bundle is mostly Claims, Encounters and ExplanationOfBenefits the rules never
-read, so the reader selects the relevant resources first and validates only those
-(R4B is identical to R4 for these types). A resource that fails becomes an
-`InvalidResourceError` naming its file and `Type/id` with the first few pydantic
-messages, and is dropped; the patient's other resources still go through.
+100 µs (DESIGN.md: a 50-Observation bundle validates in 6 ms and parses in 0.07 ms), and
+DESIGN.md's rule is "parse what you use". So the reader validates a resource only if the
+facts stage can read it, as `facts.reads_resource` decides with the value sets the records
+will be assessed with (the same functions the extractor calls before it reads anything, so
+the two cannot drift apart):
+
+- the Patient, and every FamilyMemberHistory (its status alone can exclude it);
+- an Observation whose code or a component's code is recognised (a DXA result, BMI,
+  smoking status, a laboratory or vital-sign concept the rules read, a family history
+  finding);
+- a Condition whose code is in the conditions value set;
+- a medication whose code, or whose contained Medication's code or ingredients, names a
+  drug of a class the rules read;
+- any resource on which that test itself fails (malformed beyond what it can look at).
+
+Everything else of a relevant type (a heart-rate Observation, a Condition or a drug the
+value sets do not know) is not validated: the extractor returns as soon as it sees the code
+is not one it reads, so such a resource can change no fact, no finding and no assessment,
+and an error about it would tell the user nothing about the result. It is still grouped,
+deduplicated and passed on in the record unchanged, as with `validate=False`. Resources of
+other types (Claims, Encounters, ...) are skipped unread before any of this.
+
+A validated resource that fails becomes an `InvalidResourceError` naming its file and
+`Type/id` with the first few pydantic messages, and is dropped; the patient's other
+resources still go through (R4B is identical to R4 for these types).
 
 Errors never escape: unreadable paths, non-JSON, JSON that is not FHIR and invalid
 resources all become `InputError`s in `ReadResult.problems` (or are yielded by
@@ -106,7 +125,7 @@ import shutil
 import tempfile
 import zlib
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -119,6 +138,9 @@ from .errors import (
     NotFhirError,
     NotJsonError,
 )
+from .facts import reads_resource
+from .terminology import Terminology, default_terminology
+from .validation import ValidationMemo
 
 try:  # orjson parses a 700 kB Synthea bundle several times faster than json
     import orjson
@@ -154,6 +176,7 @@ _PATIENT_ELEMENTS = ("subject", "patient")
 _REF_RE = re.compile(
     r"(?:^|/)(?P<type>[A-Z][A-Za-z]+)/(?P<id>[A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?/?$"
 )
+_ID_RE = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 _URN_PREFIXES = ("urn:uuid:", "urn:oid:")
 _BOM = b"\xef\xbb\xbf"
 
@@ -173,11 +196,16 @@ class ReadResult:
     problems: list[InputError]  #: every rejected file, line or resource, in the order met
 
 
-def read_paths(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str], *, validate: bool = True) -> ReadResult:
+def read_paths(
+    paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str],
+    *,
+    validate: bool = True,
+    terminology: Terminology | None = None,
+) -> ReadResult:
     """Read every path and group the relevant resources by patient. Never raises `InputError`."""
     patients: list[PatientRecord] = []
     problems: list[InputError] = []
-    for item in iter_records(paths, validate=validate):
+    for item in iter_records(paths, validate=validate, terminology=terminology):
         if isinstance(item, PatientRecord):
             patients.append(item)
         else:
@@ -190,6 +218,7 @@ def iter_records(
     *,
     validate: bool = True,
     spool_limit: int | None = None,
+    terminology: Terminology | None = None,
 ) -> Iterator[PatientRecord | InputError]:
     """Yield problems met while reading, then one `PatientRecord` per patient, sorted by patient_ref.
 
@@ -201,6 +230,11 @@ def iter_records(
     builds one record at a time. Validation runs lazily, record by record, as records are
     yielded; a record's validation problems are yielded just before it.
 
+    `validate` checks the resources the facts stage reads, as `terminology` (the value sets
+    the records will be assessed with; default: the shipped ones) recognises them: see
+    "What is validated" in the module docstring. Pass the assessor's terminology when
+    assessing with other value sets, so that what is read is what was validated.
+
     `spool_limit` is how much index to hold before spilling it to disk (default
     `SPOOL_LIMIT`; an NDJSON line counts 1, a resource from a Bundle or JSON file, held
     parsed, counts `INLINE_WEIGHT`). It changes memory and temporary disk use, never results.
@@ -210,7 +244,10 @@ def iter_records(
         for path in _expand(paths):
             for problem in _read_file(path, spool):
                 yield problem
-        yield from spool.records(validate=validate)
+        if validate:
+            yield from spool.records(validate=_validation_filter(terminology or default_terminology()))
+        else:
+            yield from spool.records(validate=None)
     finally:
         spool.close()
 
@@ -270,7 +307,7 @@ def _read_ndjson(path: Path, source: str, grouping: _Spool) -> Iterator[InputErr
             if lineno == 1 and line.startswith(_BOM):
                 line = line[3:]
                 start += 3
-            if not line.strip():
+            if not line or line.isspace():
                 continue  # a trailing newline or blank separator line is not an error
             where = f"{source}:{lineno}"
             try:
@@ -279,7 +316,15 @@ def _read_ndjson(path: Path, source: str, grouping: _Spool) -> Iterator[InputErr
                 yield NotJsonError(f"line {lineno} is not JSON: {_first_line(exc)}", source=where)
                 continue
             # Where the line is, so that the second pass reads it again instead of holding it.
-            yield from _read_object(obj, where, source, grouping, line=(lineno, start, len(line), zlib.crc32(line)))
+            at = (lineno, start, len(line), zlib.crc32(line))
+            rtype = obj.get("resourceType") if type(obj) is dict else None
+            if type(rtype) is str and rtype != "Bundle":  # the usual line, one resource: as _read_object would
+                if rtype in RELEVANT_TYPES:
+                    problem = grouping.add(obj, where, source, label=None, urns=None, line=at)
+                    if problem is not None:
+                        yield problem
+                continue
+            yield from _read_object(obj, where, source, grouping, line=at)
 
 
 def _read_object(
@@ -292,7 +337,9 @@ def _read_object(
     if obj["resourceType"] == "Bundle":
         yield from _read_bundle(obj, where, file, "", grouping)
     elif obj["resourceType"] in RELEVANT_TYPES:
-        yield from grouping.add(obj, where, file, label=None, urns=None, line=line)
+        problem = grouping.add(obj, where, file, label=None, urns=None, line=line)
+        if problem is not None:
+            yield problem
 
 
 # --------------------------------------------------------------------------- Bundles
@@ -326,7 +373,9 @@ def _read_bundle(bundle: dict, where: str, file: str, prefix: str, grouping: _Sp
             from_urn = urn_id(entry.get("fullUrl"))
             if from_urn:
                 resource["id"] = from_urn  # stable evidence reference: Observation/<uuid>
-        yield from grouping.add(resource, where, file, label=_label(resource, label), urns=urns)
+        problem = grouping.add(resource, where, file, label=_label(resource, label), urns=urns)
+        if problem is not None:
+            yield problem
 
 
 def fullurl_index(entries: list) -> dict[str, tuple[str, str]]:
@@ -374,6 +423,8 @@ def _patient_id(resource: dict, urns: dict[str, tuple[str, str]] | None) -> tupl
             kind = "only an identifier" if "identifier" in ref else "no reference"
             seen.append(f"{element} has {kind}")  # logical references cannot be matched to a Patient here
             continue
+        if value.startswith("Patient/") and _ID_RE.fullmatch(value, 8):
+            return value[8:], ""  # the usual relative form, as the full pattern below would read it
         value = value.strip()
         if value.startswith(_URN_PREFIXES):
             target = urns.get(value) if urns is not None else None
@@ -443,15 +494,15 @@ class _Spool:
         self.tmp: Path | None = None
         self._fds: dict[int, int] = {}
         self._names = itertools.count()
+        self._memo = ValidationMemo()  # shapes that passed validation, for this reading only
 
     # -- first pass ------------------------------------------------------------------------
     def add(self, resource: dict, where: str, file: str, *, label: str | None, urns: dict | None,
-            line: tuple[int, int, int, int] | None = None) -> Iterator[InputError]:
-        """Index one relevant resource. `label` None means `Type/id` (worked out only if needed)."""
+            line: tuple[int, int, int, int] | None = None) -> InputError | None:
+        """Index one relevant resource, or say why not. `label` None means `Type/id` (worked out only if needed)."""
         pid, why = _patient_id(resource, urns)
         if pid is None:
-            yield NoUsableDataError(f"no patient reference ({why})", source=where, resource=label or _label(resource, None))
-            return
+            return NoUsableDataError(f"no patient reference ({why})", source=where, resource=label or _label(resource, None))
         fidx = self._file_index.get(file)
         if fidx is None:
             fidx = self._file_index[file] = len(self.files)
@@ -467,6 +518,7 @@ class _Spool:
             self.weight += INLINE_WEIGHT
         if self.weight >= self.limit:
             self._spill()
+        return None
 
     def _spill(self) -> None:
         if self.tmp is None:
@@ -627,7 +679,8 @@ class _Spool:
                 run.unlink()
             self.runs.append(path)
 
-    def records(self, *, validate: bool) -> Iterator[PatientRecord | InputError]:
+    def records(self, *, validate: Callable[[dict], bool] | None) -> Iterator[PatientRecord | InputError]:
+        """One record per patient; `validate`, if given, says which resources to validate."""
         if self.runs:
             self._merge_runs()
         cross = self._cross_patient_keys()
@@ -635,47 +688,53 @@ class _Spool:
         for pid, group in itertools.groupby(self._all_entries(), key=lambda e: e[0]):
             yield from self._record(pid, list(group), decisions, validate)
 
-    def _record(self, pid: str, entries: list[tuple], decisions: dict[int, int], validate: bool) -> Iterator[PatientRecord | InputError]:
+    def _record(
+        self, pid: str, entries: list[tuple], decisions: dict[int, int], validate: Callable[[dict], bool] | None
+    ) -> Iterator[PatientRecord | InputError]:
         resources = self._load(entries)
-        # key -> [position, item]; the first occurrence keeps its position, a newer one replaces it
+        files = self.files
+        # key -> [position, resource, entry]; the first occurrence keeps its position, a newer one replaces it
         chosen: dict[tuple, list] = {}
         for entry, resource in zip(entries, resources):
-            if isinstance(entry[6], dict):
-                fidx, where, label = entry[3], entry[4], entry[5]
-            else:
-                fidx, where = entry[3], f"{self.files[entry[3]]}:{entry[4]}"
-                if resource is None:  # the file changed between the two passes: never guess
-                    yield InputError("changed while being read; line not used", source=where)
-                    continue
-                label = None  # Type/id, worked out by _validate if it is needed
-            decision = decisions.get(entry[1])
+            if resource is None:  # an NDJSON line that changed between the two passes: never guess
+                yield InputError("changed while being read; line not used", source=f"{files[entry[3]]}:{entry[4]}")
+                continue
+            seq = entry[1]
+            decision = decisions.get(seq) if decisions else None
             if decision == _DROP:
                 continue
-            item = _Item(resource, where, self.files[fidx], label)
             rid = resource.get("id")
-            key: tuple = (resource["resourceType"], rid) if isinstance(rid, str) and rid else ("", entry[1])
+            key: tuple = (resource["resourceType"], rid) if isinstance(rid, str) and rid else ("", seq)
             if decision is not None:
-                chosen[key] = [decision, item]
+                chosen[key] = [decision, resource, entry]
                 continue
             known = chosen.get(key)
             if known is None:
-                chosen[key] = [entry[1], item]
-            elif _is_newer(resource, known[1].resource):
-                known[1] = item  # keep the original position in read order
+                chosen[key] = [seq, resource, entry]
+            elif _is_newer(resource, known[1]):
+                known[1], known[2] = resource, entry  # keep the original position in read order
         if not chosen:
             return
-        items = [item for _pos, item in sorted(chosen.values(), key=lambda pi: pi[0])]
-        sources = list(dict.fromkeys(it.file for it in items))  # read order, before the Patient moves up
+        ordered = sorted(chosen.values(), key=lambda c: c[0])
+        sources = list(dict.fromkeys(files[entry[3]] for _pos, _res, entry in ordered))  # read order
         # The Patient first; the rest keep read order (sort is stable).
-        items.sort(key=lambda it: it.resource["resourceType"] != "Patient")
+        ordered.sort(key=lambda c: c[1]["resourceType"] != "Patient")
         kept: list[dict] = []
-        for it in items:
-            problem = _validate(it) if validate else None
-            if problem is None:
-                kept.append(it.resource)
-            else:
-                yield problem
+        for _pos, resource, entry in ordered:
+            if validate is not None and validate(resource):
+                problem = _validate(self._item(resource, entry), self._memo)
+                if problem is not None:
+                    yield problem
+                    continue
+            kept.append(resource)
         yield PatientRecord(patient_ref=f"Patient/{pid}", resources=kept, sources=sources)
+
+    def _item(self, resource: dict, entry: tuple) -> _Item:
+        """Where a resource came from, for its error report: file:line of an NDJSON line, else the Bundle entry."""
+        file = self.files[entry[3]]
+        if isinstance(entry[6], dict):
+            return _Item(resource, entry[4], file, entry[5])
+        return _Item(resource, f"{file}:{entry[4]}", file, None)  # label None: Type/id, worked out if needed
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -712,38 +771,42 @@ def _instant(value: Any) -> datetime | None:
 
 # --------------------------------------------------------------------------- validation
 
-_MODELS: dict[str, Any] = {}
 _MAX_REASONS = 3
 
 
-def _model(resource_type: str) -> Any:
-    model = _MODELS.get(resource_type)
-    if model is None:
-        # Imported on first use: loading the fhir.resources models costs ~0.5 s, and
-        # validate=False callers should not pay it.
-        from fhir.resources.R4B import get_fhir_model_class
+def _validation_filter(terminology: Terminology) -> Callable[[dict], bool]:
+    """Which resources to validate: those `facts.reads_resource` says the facts stage reads.
 
-        model = _MODELS[resource_type] = get_fhir_model_class(resource_type)
-    return model
+    A resource on which that test raises is malformed in a way the facts stage would trip
+    over too, so it is validated (and rejected, with the pydantic messages) rather than guessed at.
+    """
+
+    def needs_validation(resource: dict) -> bool:
+        try:
+            return reads_resource(resource, terminology)
+        except Exception:  # noqa: BLE001 - any failure of the test means "validate it"
+            return True
+
+    return needs_validation
 
 
-def _validate(item: _Item) -> InvalidResourceError | None:
+def _validate(item: _Item, memo: ValidationMemo | None = None) -> InvalidResourceError | None:
     from pydantic import ValidationError
 
     resource = item.resource
+    exc = (memo or ValidationMemo(limit=0)).problem(resource)
+    if exc is None:
+        return None
     label = item.label or _label(resource, None)
-    try:
-        _model(resource["resourceType"]).model_validate(resource)
-    except ValidationError as exc:
+    if isinstance(exc, ValidationError):
         errors = exc.errors(include_url=False, include_input=False)
         reasons = [f"{_loc(err['loc'])}: {err['msg']}" for err in errors[:_MAX_REASONS]]
         more = f" (+{len(errors) - _MAX_REASONS} more)" if len(errors) > _MAX_REASONS else ""
         return InvalidResourceError(
             f"fails FHIR R4 validation: {'; '.join(reasons)}{more}", source=item.where, resource=label
         )
-    except (ValueError, TypeError) as exc:  # fhir.resources raises these for a few root-level checks
-        return InvalidResourceError(f"fails FHIR R4 validation: {_first_line(exc)}", source=item.where, resource=label)
-    return None
+    # fhir.resources raises ValueError/TypeError for a few root-level checks
+    return InvalidResourceError(f"fails FHIR R4 validation: {_first_line(exc)}", source=item.where, resource=label)
 
 
 def _loc(loc: tuple) -> str:

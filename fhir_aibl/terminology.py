@@ -18,6 +18,7 @@ Matching rules, all of them from the terminology traps of CLINICAL.md section 3:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -27,6 +28,13 @@ from typing import Any
 import yaml
 
 from .errors import RulesError
+
+#: The value sets shipped beside the rules (what `Assessor()` loads by default).
+DEFAULT_VALUESETS = Path(__file__).resolve().parent.parent / "rules" / "valuesets"
+#: Distinct (value set, system, code) look-ups remembered per Terminology. Real data uses a
+#: few thousand codes; the cap keeps memory bounded whatever a file throws at the reader.
+_LOOKUP_CACHE_MAX = 100_000
+_MISS = object()
 
 ICD10_SYSTEMS = frozenset({"http://hl7.org/fhir/sid/icd-10-cm", "http://hl7.org/fhir/sid/icd-10"})
 STATUSES = frozenset({"V", "V2", "UNVERIFIED", "PROPOSAL"})
@@ -77,6 +85,10 @@ class Terminology:
         self._valuesets = valuesets
         self._aliases = aliases
         self.content_hash = content_hash
+        # Every Observation of a record is looked up, most of them with the same few vital-sign
+        # and lab codes; the answer depends only on the arguments, so it is remembered.
+        # Entries are written whole (one dict store), so sharing between threads is safe.
+        self._lookups: dict[tuple, Any] = {}
 
     # -- loading ---------------------------------------------------------------------------
     @classmethod
@@ -192,6 +204,18 @@ class Terminology:
     def lookup(self, vs_id: str, system: str | None, code: str | None) -> Concept | None:
         if not system or code is None:
             return None
+        if type(system) is not str or type(code) is not str:
+            # Not cached: 1, 1.0 and True are one dict key but three different codes.
+            return self._lookup(vs_id, system, code)
+        key = (vs_id, system, code)
+        hit = self._lookups.get(key, _MISS)
+        if hit is _MISS:
+            hit = self._lookup(vs_id, system, code)
+            if len(self._lookups) < _LOOKUP_CACHE_MAX:
+                self._lookups[key] = hit
+        return hit
+
+    def _lookup(self, vs_id: str, system: str, code: str) -> Concept | None:
         vs = self.valueset(vs_id)
         system = self._aliases.get(system, system)
         norm = _norm_code(system, code)
@@ -206,7 +230,11 @@ class Terminology:
     def match(self, vs_id: str, codeable: Any) -> list[Concept]:
         """Every concept of the value set that a CodeableConcept, Coding or list of Codings carries."""
         found: list[Concept] = []
-        for coding in _codings(codeable):
+        # The usual shape, a CodeableConcept with a list of Codings, without building a list.
+        codings = codeable.get("coding") if isinstance(codeable, dict) else None
+        for coding in codings if isinstance(codings, list) else _codings(codeable):
+            if not isinstance(coding, dict):
+                continue
             hit = self.lookup(vs_id, coding.get("system"), coding.get("code"))
             if hit is not None and hit not in found:
                 found.append(hit)
@@ -216,6 +244,34 @@ class Terminology:
         hits = self.match(vs_id, codeable)
         return hits[0] if hits else None
 
+    def firsts(self, vs_ids: tuple[str, ...], codeable: Any) -> tuple[Concept | None, ...]:
+        """`tuple(self.first(v, codeable) for v in vs_ids)`, in one pass over the codings.
+
+        Every Observation of a record is asked about three value sets; one remembered answer
+        per coding does it in one look-up where three `first` calls take three.
+        """
+        found: list[Concept | None] = [None] * len(vs_ids)
+        codings = codeable.get("coding") if isinstance(codeable, dict) else None
+        for coding in codings if isinstance(codings, list) else _codings(codeable):
+            if not isinstance(coding, dict):
+                continue
+            system, code = coding.get("system"), coding.get("code")
+            if not system or code is None:
+                continue
+            if type(system) is str and type(code) is str:
+                key = (vs_ids, system, code)
+                hits = self._lookups.get(key, _MISS)
+                if hits is _MISS:
+                    hits = tuple(self.lookup(v, system, code) for v in vs_ids)
+                    if len(self._lookups) < _LOOKUP_CACHE_MAX:
+                        self._lookups[key] = hits
+            else:
+                hits = tuple(self.lookup(v, system, code) for v in vs_ids)
+            for i, hit in enumerate(hits):
+                if found[i] is None and hit is not None:
+                    found[i] = hit
+        return tuple(found)
+
     def match_text(self, vs_id: str, text: str | None) -> Mapping[str, Any] | None:
         if not text:
             return None
@@ -224,6 +280,12 @@ class Terminology:
             if rule.contains in lowered:
                 return rule.properties
         return None
+
+
+@functools.lru_cache(maxsize=None)
+def default_terminology() -> Terminology:
+    """The shipped value sets, loaded once per process."""
+    return Terminology.load(DEFAULT_VALUESETS)
 
 
 def _codings(codeable: Any) -> Iterable[dict]:

@@ -340,3 +340,50 @@ def test_demo(capsys, tmp_path):
     assert len(assessments) == int(m.group(1))
     assert all(a["as_of"] == "2026-06-01" and a["ruleset"]["name"] for a in assessments)
     assert "Patient/v10" in {a["patient"] for a in assessments}
+
+
+# --------------------------------------------------------------------------- streamed JSON
+
+
+def test_streamed_json_array_is_byte_for_byte_json_dumps():
+    import io
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    leaves = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()
+    values = st.recursive(leaves, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+                          max_leaves=20)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(values, max_size=5))
+    def check(items):
+        out = io.StringIO()
+        cli.write_json_array(iter(items), out)
+        assert out.getvalue() == json.dumps(items, indent=2) + "\n"
+
+    check()
+
+
+def test_json_output_is_streamed_per_patient(capsys, monkeypatch):
+    """The command never holds every result: it writes each as it is assessed."""
+    seen = []
+    real = cli.write_json_array
+
+    def spy(items, out):
+        assert not isinstance(items, (list, tuple))
+        seen.append(True)
+        real(items, out)
+
+    monkeypatch.setattr(cli, "write_json_array", spy)
+    code, out, err = run(capsys, "assess", BUNDLES / "V10.json", BUNDLES / "V11.json", "--format", "json", "--as-of", AS_OF)
+    assert code == 0 and seen
+    assert [d["patient"] for d in json.loads(out)] == ["Patient/v10", "Patient/v11"]
+
+
+def test_assess_restores_the_collector_thresholds(capsys):
+    import gc
+
+    before = gc.get_threshold()
+    code, _out, _err = run(capsys, "assess", BUNDLES / "V10.json", "--format", "json", "--as-of", AS_OF)
+    assert code == 0 and gc.get_threshold() == before

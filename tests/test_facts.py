@@ -899,3 +899,34 @@ def test_a_fracture_without_mechanism_has_no_marker(facts):
     }
     [fx] = facts(cond).of_type("fracture")
     assert fx["marker"] is False
+
+
+# --------------------------------------------------------------------------- calendar arithmetic
+
+
+def test_months_and_ages_agree_with_relativedelta():
+    """months_between / age_in_years do relativedelta's arithmetic directly; they must agree with it."""
+    import random
+
+    from dateutil.relativedelta import relativedelta
+
+    from fhir_aibl.facts import age_in_years
+
+    def reference_months(earlier, later):
+        sign = 1
+        if later < earlier:
+            earlier, later, sign = later, earlier, -1
+        rd = relativedelta(later, earlier)
+        return sign * round(rd.years * 12 + rd.months + rd.days / 31.0, 3)
+
+    ends = [dt.date(y, m, d) for y in (1900, 2000, 2023, 2024) for m in (1, 2, 3, 12) for d in (1, 28, 29, 30, 31)
+            if d <= 28 or m != 2 or (d == 29 and y % 4 == 0 and y != 1900)]
+    rng = random.Random(7)
+    pairs = [(a, b) for a in ends for b in ends]
+    base = dt.date(1920, 1, 1)
+    for _ in range(20_000):
+        a = base + dt.timedelta(days=rng.randrange(40_000))
+        pairs.append((a, a + dt.timedelta(days=rng.randrange(-2_000, 2_000))))
+    for a, b in pairs:
+        assert months_between(a, b) == reference_months(a, b), (a, b)
+        assert age_in_years(a, b) == relativedelta(b, a).years, (a, b)

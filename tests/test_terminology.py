@@ -250,3 +250,41 @@ def test_unverified_code_with_unverified_ok_loads(tmp_path: Path) -> None:
     )
     term = Terminology.load(directory)
     assert term.lookup("ok", RXNORM, "6902").status == "UNVERIFIED"
+
+
+# --------------------------------------------------------------------------- remembered look-ups
+
+
+def _codeables(term: Terminology) -> list:
+    """Codes of every value set, in every spelling the look-ups accept, and junk."""
+    out: list = [None, {}, [], "x", 5, {"coding": None}, {"coding": "abc"}, {"coding": [None, 3]}, {"code": "38267-1"}]
+    for vs_id in term.valueset_ids:
+        vs = term.valueset(vs_id)
+        for concept in list(vs.exact.values())[:40] + vs.prefixes[:10]:
+            coding = {"system": concept.system, "code": concept.code}
+            out += [coding, {"coding": [coding]}, [coding], {"coding": [{"system": "urn:x", "code": "1"}, coding]},
+                    {"coding": [coding, {"system": "http://loinc.org", "code": "38267-1"}]},
+                    {"coding": [{"system": concept.system, "code": concept.code + "9"}]},
+                    {"coding": [{"system": concept.system, "code": 1}, {"system": concept.system, "code": True}]}]
+    return out
+
+
+def test_firsts_is_first_for_each_value_set(term: Terminology) -> None:
+    vs_ids = ("dxa", "observations", "conditions")
+    for codeable in _codeables(term):
+        for _ in range(2):  # the second time from the remembered answers
+            assert term.firsts(vs_ids, codeable) == tuple(term.first(v, codeable) for v in vs_ids), codeable
+
+
+def test_remembered_lookups_equal_fresh_ones(term: Terminology) -> None:
+    fresh = Terminology.load(term.valueset("dxa").path.parent)
+    for codeable in _codeables(term):
+        for vs_id in term.valueset_ids:
+            assert term.match(vs_id, codeable) == fresh.match(vs_id, codeable)
+            assert term.match(vs_id, codeable) == fresh.match(vs_id, codeable)
+
+
+def test_numbers_and_booleans_are_not_confused_in_the_cache(term: Terminology) -> None:
+    loinc = "http://loinc.org"
+    assert term.lookup("dxa", loinc, "38267-1") is not None
+    assert term.lookup("dxa", loinc, 1) is None and term.lookup("dxa", loinc, True) is None
