@@ -255,7 +255,8 @@ def verdict(met) -> str:
 
 def table(results: dict) -> str:
     rows: list[tuple[str, str, str, str]] = []
-    s = results["sections"]
+    # A section left out by --only has no numbers to show.
+    s = {k: v for k, v in results["sections"].items() if v.get("status") != "skipped"}
     e = s.get("engine")
     if e:
         if "error" in e:

@@ -65,6 +65,7 @@ from .prefetch import ID_RE, PATIENT_TOKEN, bundle_resources, collect, default_t
 from .protocol import HookRequest, parse_feedback, parse_hook_request
 from .safety import ANTIRESORPTIVE_CLASSES, load_safety_table, medication_concepts
 from .settings import Settings
+from .validation import select_and_validate
 
 log = logging.getLogger("fhir_aibl.cds")
 
@@ -305,7 +306,7 @@ class CdsService:
         if filtered.other_patient:
             notes.append(f"{filtered.other_patient} prefetched resource(s) about another patient were ignored.")
         if self.settings.validate_resources:
-            resources, invalid = _validated(resources)
+            resources, invalid = select_and_validate(self.assessor.terminology, resources)
             if invalid:
                 notes.append(
                     f"{len(invalid)} resource(s) failed FHIR R4 validation and were not used: {', '.join(invalid[:10])}"
@@ -384,27 +385,6 @@ class CdsService:
                 )
             )
         self.store.add_feedback(service_id, items)
-
-
-_MODELS: dict[str, Any] = {}
-
-
-def _validated(resources: list[dict]) -> tuple[list[dict], list[str]]:
-    """The resources that pass FHIR R4 (R4B models) validation, and `Type/id` of the others."""
-    from fhir.resources.R4B import get_fhir_model_class
-    from pydantic import ValidationError
-
-    good, bad = [], []
-    for res in resources:
-        rtype = res["resourceType"]
-        model = _MODELS.get(rtype) or _MODELS.setdefault(rtype, get_fhir_model_class(rtype))
-        try:
-            model.model_validate(res)
-        except (ValidationError, ValueError, TypeError):
-            bad.append(f"`{rtype}/{res.get('id', '?')}`")
-            continue
-        good.append(res)
-    return good, bad
 
 
 def _error_response(exc: AiblError, status: int) -> JSONResponse:

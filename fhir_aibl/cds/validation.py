@@ -1,0 +1,94 @@
+"""Which prefetched resources are validated against the FHIR R4 models, and the validation itself.
+
+Validating a resource with the R4B pydantic models costs 50 to 100 µs (DESIGN.md, "Parse what
+you use"); a patient-view prefetch of a real record holds 150 resources or more, most of them
+Observations the rules never read (heart rate, electrolytes, blood counts: the EHR may ignore
+the Observation template's code filter, or answer under keys of its own). Validating all of
+them was most of a request's cost. So, as the design asks, the resources the facts stage can
+read are selected first and only those are validated (`select_and_validate`):
+
+- the Patient and every FamilyMemberHistory (facts.py reads them whatever they hold);
+- an Observation whose code, or a component's code, is in the `dxa`, `observations` or
+  `conditions` value set;
+- a Condition whose code is in the `conditions` value set;
+- a MedicationStatement, MedicationRequest or MedicationAdministration whose
+  medicationCodeableConcept, or contained Medication, is in the `medications` value set.
+
+These are the tests facts.py applies before it reads anything, applied here to the
+unvalidated dicts; a test that cannot be applied (a malformed code element) selects the
+resource, so it is validated and, failing, reported. The selection errs only towards
+validating more. Everything else is dropped unvalidated and unread: facts.py would have
+ignored it, so the assessment is the one validating everything gives; only an invalid
+resource the rules could not have read is no longer named on the card.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from fhir.resources.R4B import get_fhir_model_class
+from pydantic import ValidationError
+
+from ..terminology import Terminology
+
+_MEDICATION_TYPES = frozenset({"MedicationStatement", "MedicationRequest", "MedicationAdministration"})
+_ALWAYS_READ = frozenset({"Patient", "FamilyMemberHistory"})
+_MODELS: dict[str, Any] = {}
+
+
+def _model(rtype: str):
+    model = _MODELS.get(rtype)
+    if model is None:
+        model = _MODELS[rtype] = get_fhir_model_class(rtype)
+    return model
+
+
+def validate(resources: Iterable[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], list[str]]:
+    """The resources that pass FHIR R4 (R4B models) validation, and `Type/id` of the others."""
+    good, bad = [], []
+    for res in resources:
+        rtype = res["resourceType"]
+        try:
+            _model(rtype).model_validate(res)
+        except (ValidationError, ValueError, TypeError):
+            bad.append(f"`{rtype}/{res.get('id', '?')}`")
+            continue
+        good.append(res)
+    return good, bad
+
+
+def read_by_facts(terminology: Terminology, res: Mapping[str, Any]) -> bool:
+    """Whether the facts stage could read `res` (see the module docstring); True when unsure."""
+    rtype = res.get("resourceType")
+    if rtype in _ALWAYS_READ:
+        return True
+    try:
+        if rtype == "Observation":
+            codes = [res.get("code")]
+            components = res.get("component")
+            if components is not None:
+                codes += [c.get("code") for c in components if isinstance(c, dict)]
+            return any(
+                terminology.first("dxa", code) or terminology.first("observations", code) or terminology.first("conditions", code)
+                for code in codes
+            )
+        if rtype == "Condition":
+            return bool(terminology.match("conditions", res.get("code")))
+        if rtype in _MEDICATION_TYPES:
+            code = res.get("medicationCodeableConcept")
+            if not code:
+                # facts.py then reads a contained Medication's code and ingredients: validate
+                # rather than re-implement the lookup of its `#id` here.
+                return res.get("medicationReference") is not None or bool(res.get("contained"))
+            return bool(terminology.match("medications", code))
+    except Exception:  # noqa: BLE001 - malformed where facts.py looks: let validation judge and report it
+        return True
+    return True  # a type facts.py reads that this selection does not know: validate it
+
+
+def select_and_validate(
+    terminology: Terminology, resources: Iterable[Mapping[str, Any]]
+) -> tuple[list[Mapping[str, Any]], list[str]]:
+    """The resources facts.py can read that pass validation, and `Type/id` of those that fail."""
+    return validate([r for r in resources if read_by_facts(terminology, r)])
