@@ -29,13 +29,13 @@ valid R4 before it leaves), is a draft, and names the rules and the ruleset behi
 from __future__ import annotations
 
 import datetime as dt
-import json
 import re
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from dateutil.relativedelta import relativedelta
 from fhir.resources.R4B.annotation import Annotation
 from fhir.resources.R4B.codeableconcept import CodeableConcept
@@ -128,7 +128,7 @@ def _why(finding: Any, base: Iterable[str] = ()) -> str:
 
 
 def _json(resource: Any) -> dict:
-    return json.loads(resource.model_dump_json(exclude_none=True))
+    return orjson.loads(resource.model_dump_json(exclude_none=True))
 
 
 def _uuid() -> str:
