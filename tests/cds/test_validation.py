@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import random
 
 import pytest
 
 from fhir_aibl import synth
 from fhir_aibl.cds.prefetch import bundle_resources, for_patient
 from fhir_aibl.cds.samples import patient_view_request
-from fhir_aibl.cds.validation import read_by_facts, select_and_validate, validate
+from fhir_aibl.cds.validation import read_by_facts, select_and_validate, validate, validate_each
 from fhir_aibl.facts import extract_facts
 
 from ..conftest import FIXTURES
@@ -111,3 +112,46 @@ def test_without_validation_nothing_is_dropped_or_reported(make_app):
     dxa["effectiveDateTime"] = "last spring"  # read by facts.py as undated; no validation note
     card = make_app(validate_resources=False).hook(PV, request).json()["cards"][0]
     assert "failed FHIR R4 validation" not in card["detail"]
+
+
+# --------------------------------------------------------------------------- shared elements
+
+_BAD_VALUES = [None, "", " ", 0, 1.5, True, [], {}, [None], {"bogus": 1}, "{}", ["x"], [{}], {"coding": "x"}]
+
+
+def _mutants(resource: dict, rng: random.Random, count: int):
+    """Copies of `resource` with one element, at any depth, replaced by a wrong value."""
+
+    def paths(value, path=()):
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                if path or key != "resourceType":
+                    yield (*path, key)
+                    yield from paths(inner, (*path, key))
+        elif isinstance(value, list):
+            for i, inner in enumerate(value):
+                yield (*path, i)
+                yield from paths(inner, (*path, i))
+
+    every = list(paths(resource))
+    for _ in range(count):
+        mutant = copy.deepcopy(resource)
+        *head, last = rng.choice(every)
+        holder = mutant
+        for step in head:
+            holder = holder[step]
+        holder[last] = copy.deepcopy(rng.choice(_BAD_VALUES))
+        yield mutant
+
+
+def test_shared_elements_give_the_verdicts_of_validating_each_resource_alone():
+    rng = random.Random(20260601)
+    resources = []
+    for _name, record in _records():
+        resources += [r for r, _ in bundle_resources(record)]
+    assert validate(resources) == validate_each(resources)
+    mutants = [m for r in rng.sample(resources, 120) for m in _mutants(r, rng, 6)]
+    # one call: elements are shared across the mutants as they would be across a prefetch
+    assert validate(resources + mutants) == validate_each(resources + mutants)
+    for mutant in mutants[:200]:
+        assert validate([mutant]) == validate_each([mutant])
