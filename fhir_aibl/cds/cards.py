@@ -35,7 +35,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 from dateutil.relativedelta import relativedelta
 from fhir.resources.R4B.annotation import Annotation
 from fhir.resources.R4B.codeableconcept import CodeableConcept
@@ -52,6 +51,7 @@ from ..careplan import AI_STATUS_TEXT, CATEGORY_DISPLAY, Catalogue, ProductSpec,
 from ..errors import AiblError
 from ..rulebook import Rulebook
 from ..terminology import Terminology
+from .fhirjson import as_json
 from .safety import (
     ANTIRESORPTIVE_CLASSES,
     ActiveBlock,
@@ -128,7 +128,7 @@ def _why(finding: Any, base: Iterable[str] = ()) -> str:
 
 
 def _json(resource: Any) -> dict:
-    return orjson.loads(resource.model_dump_json(exclude_none=True))
+    return as_json(resource)
 
 
 def _uuid() -> str:
