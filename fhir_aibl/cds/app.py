@@ -15,10 +15,11 @@ OperationOutcome body naming the reason):
 4. prefetch sorted into resources and missing keys (worker thread); missing and incomplete
    keys queried from `fhirServer` if it is on the allowlist, within `fhir.budget_seconds`
    (fetch threads); anything still missing is 412;
-5. the patient's resources only (other patients' are dropped unread), validated, plus an
-   aromatase-inhibitor draft order as a draft MedicationRequest (facts.py reads a draft as
-   intended, so a patient not yet on one becomes `planned`); one shared `Assessor`
-   assesses (worker thread; the engine serialises itself);
+5. the patient's resources only (other patients' are dropped unread), of those the ones the
+   facts stage can read, validated (validation.py), plus an aromatase-inhibitor draft order
+   as a draft MedicationRequest (facts.py reads a draft as intended, so a patient not yet on
+   one becomes `planned`); one shared `Assessor` assesses (worker thread; the engine
+   serialises itself);
 6. cards, minus suppressed ones, recorded in the feedback store.
 
 Steps 3 to 6 run under `request_deadline_seconds` (503 after it). Threads cannot be
