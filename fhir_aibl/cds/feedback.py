@@ -157,16 +157,18 @@ class FeedbackStore:
                 row = self._db.execute("SELECT value FROM meta WHERE name='salt'").fetchone()
             self._salt = row[0]
             if self._db.execute("SELECT 1 FROM meta WHERE name='overrides'").fetchone() is None:
-                # A database from before `overrides`: fill it from the feedback it holds, once.
-                self._db.execute("BEGIN")
+                # A database from before `overrides`: fill it from the feedback it holds, once
+                # (IMMEDIATE, and checked again inside: another process may be doing the same).
+                self._db.execute("BEGIN IMMEDIATE")
                 try:
-                    self._db.execute(
-                        _OVERRIDE_FROM_CARD.format(
-                            received="f.received_at",
-                            source="feedback f JOIN cards c ON c.uuid = f.card WHERE f.outcome = 'overridden'",
+                    if self._db.execute("SELECT 1 FROM meta WHERE name='overrides'").fetchone() is None:
+                        self._db.execute(
+                            _OVERRIDE_FROM_CARD.format(
+                                received="f.received_at",
+                                source="feedback f JOIN cards c ON c.uuid = f.card WHERE f.outcome = 'overridden'",
+                            )
                         )
-                    )
-                    self._db.execute("INSERT INTO meta (name, value) VALUES ('overrides', '1')")
+                        self._db.execute("INSERT INTO meta (name, value) VALUES ('overrides', '1')")
                     self._db.execute("COMMIT")
                 except BaseException:
                     self._db.execute("ROLLBACK")
