@@ -133,7 +133,7 @@ def build_assessment(
                 )
             )
     # Every resource a fired rule used, whether or not what it derived is an output.
-    evidence = sorted({ref for key in derivation.derived for ref in derivation.evidence_for(key)})
+    evidence = derivation.all_evidence()
     rank = {code: i for i, code in enumerate(RISK_FACTOR_ORDER)}
     findings.sort(key=lambda f: (f.kind, f.code))
     return Assessment(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -73,34 +74,39 @@ def test_dumps_falls_back_to_json_where_orjson_would_differ():
     assert math.isnan(engine_module._loads('{"v": NaN}')["v"])
 
 
+def asserted_type(compiled) -> str | None:
+    """The literal `t` of a compiled assert template (rulebook.compile_assert)."""
+    return next((value for key, alias, value in compiled if key == "t" and alias is None), None)
+
+
 def test_an_action_error_fails_that_evaluation_only(assessor, pool, monkeypatch):
     good = snapshot(assessor.engine.evaluate(pool[0]))
-    real = engine_module.render_assert
+    real = engine_module.render_compiled
 
     def broken(template, matched):
-        if template.get("t") == "ai_status":
+        if asserted_type(template) == "ai_status":
             raise RuntimeError("boom")
         return real(template, matched)
 
-    monkeypatch.setattr(engine_module, "render_assert", broken)
+    monkeypatch.setattr(engine_module, "render_compiled", broken)
     with pytest.raises(EvaluationError, match=r"E1-STATUS-[A-Z-]+: RuntimeError: boom"):
         assessor.engine.evaluate(pool[0])
-    monkeypatch.setattr(engine_module, "render_assert", real)
+    monkeypatch.setattr(engine_module, "render_compiled", real)
     assert snapshot(assessor.engine.evaluate(pool[0])) == good  # nothing of the failed session is left
 
 
 def test_an_interrupt_inside_an_action_is_reported_as_durable_reported_it(assessor, pool, monkeypatch):
-    real = engine_module.render_assert
+    real = engine_module.render_compiled
 
     def interrupted(template, matched):
-        if template.get("t") == "ai_status":
+        if asserted_type(template) == "ai_status":
             raise KeyboardInterrupt("stop")
         return real(template, matched)
 
-    monkeypatch.setattr(engine_module, "render_assert", interrupted)
+    monkeypatch.setattr(engine_module, "render_compiled", interrupted)
     with pytest.raises(EvaluationError, match="an action failed: exception caught stop"):
         assessor.engine.evaluate(pool[0])
-    monkeypatch.setattr(engine_module, "render_assert", real)
+    monkeypatch.setattr(engine_module, "render_compiled", real)
     assert assessor.engine.evaluate(pool[0]).fired
 
 
@@ -119,3 +125,54 @@ def test_sessions_are_deleted_beyond_durables_session_limit(assessor, pool):
     for i in range(1500):
         assessor.engine.evaluate(pool[i % len(pool)])
     assert snapshot(assessor.engine.evaluate(pool[1])) == first
+
+
+def test_rules_without_negation_derive_the_same_without_waiting_for_their_stage(assessor, monkeypatch):
+    """Positive rules fire as soon as their facts exist (rulebook.needs_stage_marker): check that
+    this derives exactly what joining every rule to its stage's marker derives, fact by fact,
+    rule by rule and parent by parent, on the synthetic population and the worked examples."""
+    from fhir_aibl import engine as engine_mod
+    from fhir_aibl import rulebook as rulebook_mod
+    from fhir_aibl.sources import PatientRecord, iter_records
+
+    monkeypatch.setattr(rulebook_mod, "needs_stage_marker", lambda rule: True)
+    monkeypatch.setattr(engine_mod, "needs_stage_marker", lambda rule: True)
+    staged_book = rulebook_mod.load_rulebook(assessor.rulebook.path, extra_hash="every-rule-staged")
+    staged = engine_module.Engine(staged_book)
+    monkeypatch.undo()
+    assert staged._marker_stages == assessor.rulebook.stages
+    assert len(staged_book.durable_definition) == len(assessor.rulebook.durable_definition)
+
+    def canonical(derivation) -> tuple:
+        return (
+            sorted(derivation.base),
+            # a derived fact's key is its type and content
+            sorted((k, sorted(v.derivations)) for k, v in derivation.derived.items()),
+            sorted(derivation.fired),
+        )
+
+    pools = []
+    for i in range(150):
+        resources = synth.patient_record(11, i, AS_OF)
+        pid = next(r["id"] for r in resources if r["resourceType"] == "Patient")
+        pools.append(extract_facts(f"Patient/{pid}", resources, AS_OF, assessor.terminology).facts)
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures" / "bundles"
+    for item in iter_records([fixtures]):
+        if isinstance(item, PatientRecord):
+            pools.append(extract_facts(item.patient_ref, item.resources, AS_OF, assessor.terminology).facts)
+    assert len(pools) > 190
+    for facts in pools:
+        assert canonical(assessor.engine.evaluate(facts)) == canonical(staged.evaluate(facts))
+
+
+def test_all_evidence_is_the_evidence_of_every_derived_fact(assessor, pool):
+    with_evidence = 0
+    for facts in pool + [ODD_FACTS]:
+        derivation = assessor.engine.evaluate(facts)
+        union = sorted({ref for key in derivation.derived for ref in derivation.evidence_for(key)})
+        assert derivation.all_evidence() == union
+        with_evidence += bool(union)
+        key = next(iter(derivation.derived))
+        assert derivation.evidence_for(key) == derivation.evidence_for(key)  # cached answer, same as traced
+        assert derivation.evidence_for(key) == derivation._trace_evidence(key)
+    assert with_evidence >= len(pool)

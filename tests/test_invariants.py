@@ -1,7 +1,7 @@
 """Safety invariants of CLINICAL.md section 0, over generated fact sets (hypothesis).
 
 - every patient gets exactly one ai_status and one category;
-- missing, stale or BMD-only DXA never gives `low`;
+- missing, stale or BMD-only DXA never gives `low` (a Z-score counts where the rules score by Z);
 - no start of an antiresorptive for a patient already on one, and never without `ci-check`;
 - the same facts always give the same assessment;
 - two patients evaluated interleaved, or on eight threads at once, never influence each other.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import threading
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fhir_aibl.assess import build_assessment
@@ -96,23 +96,54 @@ def _assess(assessor, facts):
     return build_assessment("Patient/p", AS_OF, derivation, assessor.rulebook, assessor.ruleset_info)
 
 
-def _valid_t(facts) -> bool:
-    return any(
+def _valid_dxa(facts) -> bool:
+    """A current T-score, or a current axial Z-score for a patient the rules score by Z.
+
+    Z-scores stand for T-scores under 50 (rules Z1-MAN-UNDER-50, Z1-PREMENOPAUSAL, B1-VALID-Z:
+    CLINICAL.md G19/G20), so a premenopausal woman with a normal Z-score can be `low`.
+    """
+    valid_t = any(
         f["t"] == "dxa" and f["measure"] == "T" and f["site"] in ("LS", "TH", "FN", "FEMUR", "FA") and f.get("age_months", 99) <= 24
         for f in facts
     )
+    valid_z = any(
+        f["t"] == "dxa" and f["measure"] == "Z" and f["site"] in ("LS", "TH", "FN", "FEMUR") and f.get("age_months", 99) <= 24
+        for f in facts
+    )
+    return valid_t or (valid_z and _scored_by_z(facts))
+
+
+def _scored_by_z(facts) -> bool:
+    person = next(f for f in facts if f["t"] == "patient")
+    if person.get("age") is None or person["age"] >= 50:
+        return False
+    if person["sex"] == "male":
+        return True
+    premature_menopause = any(f["t"] == "condition" and f["concept"] == "premature-menopause" for f in facts)
+    return person["sex"] == "female" and not premature_menopause
 
 
 SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+_PREMENOPAUSAL_ON_AI = [
+    {"t": "patient", "sex": "female", "age": 30, "refs": ["Patient/p"]},
+    {"t": "ai_med", "ingredient": "anastrozole", "status": "active", "ended": False, "future_start": False, "refs": ["MedicationStatement/0"]},
+]
+
+
 @SETTINGS
 @given(fact_sets)
+# found by hypothesis: a premenopausal woman is scored by her Z-score, low (0.0) or high (-2.0)
+@example([*_PREMENOPAUSAL_ON_AI, {"t": "dxa", "measure": "Z", "site": "LS", "value": 0.0, "age_months": 0.5, "refs": ["Observation/0"]}])
+@example([*_PREMENOPAUSAL_ON_AI, {"t": "dxa", "measure": "Z", "site": "LS", "value": -2.0, "age_months": 0.5, "refs": ["Observation/0"]}])
+# and a stale Z-score never gives low
+@example([*_PREMENOPAUSAL_ON_AI, {"t": "dxa", "measure": "Z", "site": "LS", "value": 0.0, "age_months": 30.0, "refs": ["Observation/0"]}])
 def test_safety_invariants(assessor, facts):
     a = _assess(assessor, facts)  # raises if the rules gave no category or two
     on_ai = a.ai_status in ("active", "planned")
     assert (a.category != "not-applicable") == on_ai
-    if not _valid_t(facts):
+    if not _valid_dxa(facts):
         assert a.category != "low", "missing, stale or BMD-only DXA gave low"
         if a.category in ("indeterminate", "moderate", "high"):
             assert "dxa-now" in a.recommendations

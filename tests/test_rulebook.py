@@ -41,6 +41,28 @@ def _first_rule(doc, rid):
     return next(r for r in doc["rules"] if r["id"] == rid)
 
 
+def _late_producer(doc) -> dict:
+    return {"id": "X-LATE", "stage": 3, "when": {"p": {"t": "patient"}}, "assert": {"t": "ai_med", "ingredient": "letrozole"},
+            "citation": _first_rule(doc, "C-LOW")["citation"]}
+
+
+def test_only_rules_that_negate_wait_for_their_stage(assessor):
+    """A rule with an `unless` joins its stage's marker; a rule with only `when` patterns does not."""
+    from fhir_aibl.rulebook import STAGE_FACT, needs_stage_marker
+
+    rb = assessor.rulebook
+    gated = [r for r in rb.rules if r.unless]
+    positive = [r for r in rb.rules if not r.unless]
+    assert gated and positive
+    for rule in rb.rules:
+        terms = rb.durable_definition[rule.id]["all"]
+        joins_marker = any(STAGE_FACT in repr(term) for term in terms)
+        assert joins_marker == needs_stage_marker(rule) == bool(rule.unless), rule.id
+        assert len(terms) == len(rule.when) + len(rule.unless) + joins_marker
+    # one sink for every fact type, not one each
+    assert [name for name in rb.durable_definition if name.startswith("$")] == ["$sink"]
+
+
 @pytest.mark.parametrize(
     "mutate, message",
     [
@@ -56,6 +78,8 @@ def _first_rule(doc, rid):
         (lambda d: _first_rule(d, "C-LOW-RF").pop("note"), "PROPOSAL \\(a G gap resolution\\) needs a note"),
         (lambda d: _first_rule(d, "E1-ACTIVE")["when"].__setitem__("m", {"t": "category"}), "after this rule.s stage"),
         (lambda d: d["outputs"]["category"].__setitem__("fact", "categroy"), "no rule asserts"),
+        # a later stage asserting what an earlier stage reads: that stage's facts would not be complete
+        (lambda d: d["rules"].append(_late_producer(d)), "'when' on 'ai_med', which rules of stage 3 assert, after this rule.s stage 1"),
     ],
 )
 def test_broken_rule_files_are_refused(doc, mutate, message):
