@@ -138,9 +138,8 @@ from .errors import (
     NotFhirError,
     NotJsonError,
 )
-from .facts import reads_resource
 from .terminology import Terminology, default_terminology
-from .validation import ValidationMemo
+from .validation import ValidationMemo, needs_validation
 
 try:  # orjson parses a 700 kB Synthea bundle several times faster than json
     import orjson
@@ -775,19 +774,8 @@ _MAX_REASONS = 3
 
 
 def _validation_filter(terminology: Terminology) -> Callable[[dict], bool]:
-    """Which resources to validate: those `facts.reads_resource` says the facts stage reads.
-
-    A resource on which that test raises is malformed in a way the facts stage would trip
-    over too, so it is validated (and rejected, with the pydantic messages) rather than guessed at.
-    """
-
-    def needs_validation(resource: dict) -> bool:
-        try:
-            return reads_resource(resource, terminology)
-        except Exception:  # noqa: BLE001 - any failure of the test means "validate it"
-            return True
-
-    return needs_validation
+    """Which resources to validate: `validation.needs_validation` with the reading's value sets."""
+    return lambda resource: needs_validation(resource, terminology)
 
 
 def _validate(item: _Item, memo: ValidationMemo | None = None) -> InvalidResourceError | None:

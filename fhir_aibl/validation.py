@@ -36,15 +36,18 @@ from __future__ import annotations
 
 import functools
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
+
+from .facts import reads_resource
+from .terminology import Terminology
 
 try:  # shapes are compared as their orjson serialisation (exact: 1 and 1.0 and True differ)
     import orjson
 except ImportError:  # pragma: no cover - without orjson every resource is validated in full
     orjson = None  # type: ignore[assignment]
 
-__all__ = ["MEMO_LIMIT", "ValidationMemo", "model_for"]
+__all__ = ["MEMO_LIMIT", "ValidationMemo", "model_for", "needs_validation"]
 
 
 def _checked_versions() -> bool:
@@ -92,6 +95,19 @@ _PLACEHOLDER = "\x00valid"
 _MODELS: dict[str, Any] = {}
 _MEMO_SOUND = functools.lru_cache(maxsize=1)(_checked_versions)
 _PLANS: dict[str, tuple[tuple[tuple[str, ...], Callable[[Any], Any]], ...]] = {}
+
+
+def needs_validation(resource: Mapping[str, Any], terminology: Terminology) -> bool:
+    """Whether a resource is validated before the facts stage sees it: when `facts.reads_resource` says it is read.
+
+    One decision for the file reader (sources.py) and the CDS prefetch (cds/validation.py).
+    A resource on which that test raises is malformed in a way the facts stage would trip
+    over too, so it is validated (and rejected, with the pydantic messages) rather than guessed at.
+    """
+    try:
+        return reads_resource(resource, terminology)
+    except Exception:  # noqa: BLE001 - any failure of the test means "validate it"
+        return True
 
 
 def model_for(resource_type: str) -> Any:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Latency of `aibl-patient-view` with full prefetch: p50/p90/p99 over the fixture records.
 
-    python scripts/cds_latency.py [--requests 520] [--concurrency 1] [--mode inprocess|loopback] [--signed]
+    python scripts/cds_latency.py [--requests 520] [--concurrency 1] [--mode inprocess|loopback] [--signed] [--bench-record]
 
 - `inprocess`: the app called through httpx's ASGI transport (no sockets): the service's own
   cost (parsing, patient filter, validation, assessment, cards, SQLite record).
@@ -9,6 +9,10 @@
 - `--signed`: every request carries a fresh ES384 JWT (key pinned by file, no network), so
   the verification is measured too.
 - `--concurrency N`: N requests in flight at once (in process only); latency is per request.
+- `--bench-record`: every request is the one bench/run.py's CDS section sends (the synthetic
+  patient whose prefetch is closest to 150 resources, a 108 kB body), not the fixture records;
+  the process's CPU time per request is printed too (with `--mode inprocess` it includes the
+  in-process client's share).
 
 A short measurement for the README, not the load benchmark (that lives in bench/).
 Requests cycle through fixtures/bundles/V*.json; the first round is a warm-up and not counted.
@@ -60,6 +64,13 @@ def build(tmp: Path, signed: bool, base: str):
 
     app = create_app(settings_for_tests(tmp, **overrides))
     return app, signer
+
+
+def request_of_bench() -> list[bytes]:
+    sys.path.insert(0, str(ROOT / "bench"))
+    from cds_harness import sample_request
+
+    return [json.dumps(sample_request()[0]).encode()]
 
 
 def requests_of_fixtures() -> list[bytes]:
@@ -128,26 +139,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("inprocess", "loopback"), default="inprocess")
     parser.add_argument("--signed", action="store_true")
     parser.add_argument("--port", type=int, default=18080)
+    parser.add_argument("--bench-record", action="store_true", help="the 150-resource request of bench/run.py instead of the fixtures")
     args = parser.parse_args(argv)
     import logging
 
     logging.disable(logging.WARNING)  # the unsigned-mode warning on every request is not what is measured
-    bodies = requests_of_fixtures()
+    bodies = request_of_bench() if args.bench_record else requests_of_fixtures()
     with tempfile.TemporaryDirectory() as tmp:
         base = f"http://127.0.0.1:{args.port}" if args.mode == "loopback" else "http://bench"
         app, signer = build(Path(tmp), args.signed, base)
         try:
+            cpu = time.process_time()
             if args.mode == "inprocess":
                 times = inprocess(app, signer, bodies, args.requests, args.concurrency)
             else:
                 times = loopback(app, signer, bodies, args.requests, args.port)
+            cpu = time.process_time() - cpu
         finally:
             app.state.cds.close()
     ms = [t * 1000 for t in times]
+    # warm-up (one round of the records) and signing included: an upper bound on the service's share
+    cpu_ms = cpu * 1000 / (len(ms) + len(bodies))
     print(
         f"{args.mode}, {'signed' if args.signed else 'unsigned'}, concurrency {args.concurrency}, {len(ms)} requests "
         f"over {len(bodies)} records: p50 {percentile(ms, 50):.1f} ms, p90 {percentile(ms, 90):.1f} ms, "
         f"p99 {percentile(ms, 99):.1f} ms, mean {statistics.fmean(ms):.1f} ms"
+        + (f"; process CPU {cpu_ms:.1f} ms per request" if args.bench_record else "")
     )
     return 0
 

@@ -29,7 +29,6 @@ valid R4 before it leaves), is a draft, and names the rules and the ruleset behi
 from __future__ import annotations
 
 import datetime as dt
-import json
 import re
 import uuid
 from collections.abc import Iterable, Sequence
@@ -52,6 +51,7 @@ from ..careplan import AI_STATUS_TEXT, CATEGORY_DISPLAY, Catalogue, ProductSpec,
 from ..errors import AiblError
 from ..rulebook import Rulebook
 from ..terminology import Terminology
+from .fhirjson import as_json
 from .safety import (
     ANTIRESORPTIVE_CLASSES,
     ActiveBlock,
@@ -128,7 +128,7 @@ def _why(finding: Any, base: Iterable[str] = ()) -> str:
 
 
 def _json(resource: Any) -> dict:
-    return json.loads(resource.model_dump_json(exclude_none=True))
+    return as_json(resource)
 
 
 def _uuid() -> str:

@@ -18,6 +18,14 @@ again for the same patient for `feedback.suppression_days`, when
 - the category has not worsened since the override (`CATEGORY_RANK` in cards.py): a worse
   category always shows.
 
+The suppression check runs on every hook call, so it reads `overrides`: one row per
+overridden card, with what the check compares (patient hash, service, kind, category rank,
+assessment key), indexed by patient. Joining feedback to cards instead read every card ever
+issued for the patient, a cost that grew with each call (1.5 ms per check after 6,000 cards
+for one patient). `overrides` is filled with the feedback, from an existing database's
+feedback when first opened, and pruned with the cards (its card's `issued_at`), so it says
+what the join said.
+
 Writes go through one connection under a lock (SQLite serialises writers anyway); WAL mode
 lets readers proceed. Every write is committed before the HTTP answer, so a 200 means stored.
 """
@@ -66,7 +74,25 @@ CREATE TABLE IF NOT EXISTS feedback (
     received_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS feedback_by_card ON feedback (card);
+CREATE TABLE IF NOT EXISTS overrides (
+    card TEXT NOT NULL,
+    patient TEXT NOT NULL,
+    service TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    assessment_key TEXT NOT NULL,
+    category_rank INTEGER NOT NULL,
+    issued_at REAL NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS overrides_by_patient ON overrides (patient, service, kind, received_at);
 """
+
+#: An overridden card's row of `overrides`, from its row of `cards` and the feedback's time.
+_OVERRIDE_FROM_CARD = (
+    "INSERT INTO overrides (card, patient, service, kind, assessment_key, category_rank, issued_at, received_at) "
+    "SELECT c.uuid, c.patient, c.service, c.kind, c.assessment_key, c.category_rank, c.issued_at, {received} "
+    "FROM {source}"
+)
 
 
 def assessment_key(assessment: Assessment) -> str:
@@ -130,6 +156,23 @@ class FeedbackStore:
                 self._db.execute("INSERT INTO meta (name, value) VALUES ('salt', ?)", (secrets.token_hex(16),))
                 row = self._db.execute("SELECT value FROM meta WHERE name='salt'").fetchone()
             self._salt = row[0]
+            if self._db.execute("SELECT 1 FROM meta WHERE name='overrides'").fetchone() is None:
+                # A database from before `overrides`: fill it from the feedback it holds, once
+                # (IMMEDIATE, and checked again inside: another process may be doing the same).
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    if self._db.execute("SELECT 1 FROM meta WHERE name='overrides'").fetchone() is None:
+                        self._db.execute(
+                            _OVERRIDE_FROM_CARD.format(
+                                received="f.received_at",
+                                source="feedback f JOIN cards c ON c.uuid = f.card WHERE f.outcome = 'overridden'",
+                            )
+                        )
+                        self._db.execute("INSERT INTO meta (name, value) VALUES ('overrides', '1')")
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
         self._writes = 0
 
     def close(self) -> None:
@@ -172,6 +215,7 @@ class FeedbackStore:
                 self._writes += 1
                 if self._writes % 500 == 1:
                     self._db.execute("DELETE FROM cards WHERE issued_at < ?", (now - self.retention_seconds,))
+                    self._db.execute("DELETE FROM overrides WHERE issued_at < ?", (now - self.retention_seconds,))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -191,13 +235,12 @@ class FeedbackStore:
             return False
         since = self.clock() - self.suppression_seconds
         sql = (
-            "SELECT 1 FROM feedback f JOIN cards c ON c.uuid = f.card "
-            "WHERE f.outcome = 'overridden' AND f.received_at >= ? AND c.patient = ? AND c.service = ? AND c.kind = ? "
-            "AND c.category_rank >= ?"
+            "SELECT 1 FROM overrides WHERE patient = ? AND service = ? AND kind = ? AND received_at >= ? "
+            "AND category_rank >= ?"
         )
-        params: list = [since, self._patient(patient_ref), service, kind, CATEGORY_RANK[assessment.category]]
+        params: list = [self._patient(patient_ref), service, kind, since, CATEGORY_RANK[assessment.category]]
         if self.scope == "assessment":
-            sql += " AND c.assessment_key = ?"
+            sql += " AND assessment_key = ?"
             params.append(assessment_key(assessment))
         with self._lock:
             return self._db.execute(sql + " LIMIT 1", params).fetchone() is not None
@@ -227,6 +270,10 @@ class FeedbackStore:
                     "INSERT INTO feedback (card, service, outcome, outcome_timestamp, accepted_suggestions, "
                     "override_system, override_code, user_comment, received_at) VALUES (?,?,?,?,?,?,?,?,?)",
                     rows,
+                )
+                self._db.executemany(
+                    _OVERRIDE_FROM_CARD.format(received="?", source="cards c WHERE c.uuid = ?"),
+                    [(now, item.card) for item in items if item.outcome == "overridden"],
                 )
                 self._db.execute("COMMIT")
             except BaseException:

@@ -61,3 +61,21 @@ def test_64_concurrent_requests_each_about_its_own_patient(make_app, expected, m
             assert rid == pid or rid.startswith(f"{pid}-") or rid.startswith("draft-"), (pid, rtype, rid)
         subjects = {r["subject"]["reference"] for c in cards for s in c.get("suggestions", []) for a in s["actions"] for r in [a.get("resource", {})] if "subject" in r}
         assert subjects == {f"Patient/{pid}"}, pid
+
+
+def test_the_startup_heap_is_frozen_for_the_collector(make_app):
+    """What is loaded before the first request is left out of every later full collection."""
+    import asyncio
+    import gc
+
+    app = make_app().app
+
+    async def started() -> int:
+        async with app.router.lifespan_context(app):  # what uvicorn runs at startup
+            return gc.get_freeze_count()
+
+    gc.unfreeze()
+    try:
+        assert asyncio.run(started()) > 0
+    finally:
+        gc.unfreeze()

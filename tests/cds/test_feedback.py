@@ -136,6 +136,45 @@ def test_suppression_survives_a_restart(make_app, tmp_path):
     assert kinds(second.hook(PV, request).json()["cards"]) == ["treatment"]
 
 
+def test_a_database_from_before_the_overrides_table_keeps_its_suppressions(make_app, tmp_path):
+    import sqlite3
+
+    database = str(tmp_path / "old.sqlite3")
+    first = make_app(feedback={"database": database})
+    request = patient_view_request(bundle("V06"))
+    cards = first.hook(PV, request).json()["cards"]
+    first.feedback(PV, override(cards[0]))
+    first.cds.close()
+    with sqlite3.connect(database) as db:  # as the store left it before it kept `overrides`
+        db.execute("DROP TABLE overrides")
+        db.execute("DELETE FROM meta WHERE name = 'overrides'")
+    second = make_app(feedback={"database": database})
+    second.clock[0] = first.clock[0]
+    assert kinds(second.hook(PV, request).json()["cards"]) == ["treatment"]
+
+
+def test_an_override_goes_when_its_card_is_pruned(make_app):
+    """As the join of feedback to cards did: a pruned card's override no longer suppresses."""
+    harness = make_app(feedback={"suppression_days": 30, "retention_days": 30})
+    request = patient_view_request(bundle("V06"))
+    cards = harness.hook(PV, request).json()["cards"]
+    harness.clock[0] += 25 * DAY
+    assert harness.feedback(PV, override(cards[0])).status_code == 200
+    harness.clock[0] += 6 * DAY  # the card is 31 days old, the override 6
+    harness.cds.store._writes = 0  # the next write prunes
+    assert kinds(harness.hook(PV, request).json()["cards"]) == ["treatment"]  # checked before the prune
+    assert kinds(harness.hook(PV, request).json()["cards"]) == ["assessment", "treatment"]
+
+
+def test_many_cards_for_one_patient_do_not_change_suppression(harness):
+    request = patient_view_request(bundle("V06"))
+    for _ in range(30):
+        harness.hook(PV, request)
+    cards = harness.hook(PV, request).json()["cards"]
+    harness.feedback(PV, override(cards[1]))
+    assert kinds(harness.hook(PV, request).json()["cards"]) == ["assessment"]
+
+
 def test_the_database_holds_no_patient_id(harness):
     cards = harness.hook(PV, patient_view_request(bundle("V06"))).json()["cards"]
     harness.feedback(PV, override(cards[0]))
