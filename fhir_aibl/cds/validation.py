@@ -13,120 +13,34 @@ else is dropped unvalidated and unread: facts.py would have ignored it, so the a
 the one validating everything gives; only an invalid resource the rules could not have read
 is no longer named on the card.
 
-One record repeats itself: every Observation carries the same `subject` and `meta`, a
-series of 8 BMIs one `code`, the vitals one `category`. A complex element is validated once
-per request for each distinct content (`_Elements`), and the resource is validated with the
-validated instance in its place; the model accepts an instance of the element's own class
-as it is, which is what it would have made of the dict. The verdict is the same: an element
-whose validation fails is left as it was, for the resource's validation to judge.
+One record repeats itself: a series of 8 BMIs differ only in their id, date and value, the
+vitals share `subject`, `category` and `meta`. Each request validates with a
+`fhir_aibl.validation.ValidationMemo` of its own, the one the file reader uses: a resource
+whose shape already passed in this request is accepted without running the models again,
+with the same verdicts as validating each resource alone (its module docstring says why).
+Nothing is kept from one request to the next.
 """
 
 from __future__ import annotations
 
-import typing
 from collections.abc import Iterable, Mapping
-from functools import lru_cache
 from typing import Any
 
-import orjson
-from fhir.resources.R4B import get_fhir_model_class
-from pydantic import ValidationError
-
 from ..terminology import Terminology
-from ..validation import needs_validation
-
-_MODELS: dict[str, Any] = {}
-
-
-def _model(rtype: str):
-    model = _MODELS.get(rtype)
-    if model is None:
-        model = _MODELS[rtype] = get_fhir_model_class(rtype)
-    return model
-
-
-@lru_cache(maxsize=None)
-def _element_fields(model) -> dict[str, Any]:
-    """Member name (and alias) -> the element model class, for the complex, non-resource
-    elements of `model`; resources (`contained`) are dispatched by their own resourceType."""
-    out: dict[str, Any] = {}
-    for name, info in model.model_fields.items():
-        pending, klass = [info.annotation], None
-        while pending:
-            annotation = pending.pop()
-            get_klass = getattr(annotation, "get_model_klass", None)
-            if get_klass is not None:
-                klass = get_klass()
-                break
-            pending.extend(typing.get_args(annotation))
-        if klass is None or klass.has_resource_base():
-            continue
-        out[name] = klass
-        if info.alias:
-            out[info.alias] = klass
-    return out
-
-
-class _Elements:
-    """Complex elements validated once per distinct content (JSON, keys sorted)."""
-
-    def __init__(self) -> None:
-        self._seen: dict[tuple[Any, bytes], Any] = {}
-
-    def element(self, klass, value: dict) -> Any:
-        try:
-            key = (klass, orjson.dumps(value, option=orjson.OPT_SORT_KEYS))
-        except (orjson.JSONEncodeError, TypeError):
-            return value
-        hit = self._seen.get(key)
-        if hit is None:
-            try:
-                hit = klass.model_validate(value)
-            except (ValidationError, ValueError, TypeError):
-                hit = value  # the resource's own validation reports it
-            self._seen[key] = hit
-        return hit
-
-    def substituted(self, model, res: Mapping[str, Any]) -> dict[str, Any]:
-        fields = _element_fields(model)
-        data = dict(res)
-        for key, value in res.items():
-            klass = fields.get(key)
-            if klass is None:
-                continue
-            if isinstance(value, dict):
-                data[key] = self.element(klass, value)
-            elif isinstance(value, list):
-                # anything but a dict (a null, a string) stays, for the resource's validation
-                data[key] = [self.element(klass, v) if isinstance(v, dict) else v for v in value]
-        return data
+from ..validation import ValidationMemo, needs_validation
 
 
 def validate(resources: Iterable[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], list[str]]:
     """The resources that pass FHIR R4 (R4B models) validation, and `Type/id` of the others."""
     good, bad = [], []
-    elements = _Elements()
+    memo = ValidationMemo()
     for res in resources:
-        rtype = res["resourceType"]
         try:
-            model = _model(rtype)
-            model.model_validate(elements.substituted(model, res))
-        except (ValidationError, ValueError, TypeError, KeyError):
-            bad.append(f"`{rtype}/{res.get('id', '?')}`")
-            continue
-        good.append(res)
-    return good, bad
-
-
-def validate_each(resources: Iterable[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], list[str]]:
-    """`validate` without the shared elements: every resource on its own (the reference)."""
-    good, bad = [], []
-    for res in resources:
-        rtype = res["resourceType"]
-        try:
-            _model(rtype).model_validate(res)
-        except (ValidationError, ValueError, TypeError, KeyError):
-            bad.append(f"`{rtype}/{res.get('id', '?')}`")
+            problem = memo.problem(res)
+        except KeyError:  # no resourceType, or one the models do not know
+            problem = True
+        if problem is not None:
+            bad.append(f"`{res.get('resourceType', '?')}/{res.get('id', '?')}`")
             continue
         good.append(res)
     return good, bad

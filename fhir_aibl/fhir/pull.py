@@ -39,6 +39,7 @@ from typing import Any
 
 from ..careplan import IDENTIFIER_SYSTEM
 from ..sources import RELEVANT_TYPES
+from ..validation import ValidationMemo, model_for
 from .client import FhirClient, SearchSpec, entry_status
 from .errors import ConfigError, CrossPatient, FhirError, NotSupported, ServerError, server_error
 
@@ -112,31 +113,27 @@ def _version(resource: Mapping[str, Any]) -> int:
     return int(version) if version.isdigit() else -1
 
 
-_MODELS: dict[str, Any] = {}
+def validation_problem(resource: Mapping[str, Any], memo: ValidationMemo | None = None) -> str | None:
+    """Why a resource fails FHIR R4 validation (first reasons), or None.
 
-
-def validation_problem(resource: Mapping[str, Any]) -> str | None:
-    """Why a resource fails FHIR R4 validation (first reasons), or None."""
+    `memo` (one per pull) skips the models for a resource whose shape already passed, with
+    the same verdicts (fhir_aibl/validation.py); every message comes from a full validation.
+    """
     from pydantic import ValidationError
 
     rtype = resource.get("resourceType")
-    model = _MODELS.get(rtype)
-    if model is None:
-        from fhir.resources.R4B import get_fhir_model_class
-
-        try:
-            model = _MODELS[rtype] = get_fhir_model_class(rtype)
-        except (KeyError, ValueError):
-            return f"unknown resource type {rtype!r}"
     try:
-        model.model_validate(resource)
-    except ValidationError as exc:
+        model_for(rtype)
+    except (KeyError, ValueError, TypeError):
+        return f"unknown resource type {rtype!r}"
+    exc = (memo or ValidationMemo(limit=0)).problem(resource)
+    if exc is None:
+        return None
+    if isinstance(exc, ValidationError):
         errors = exc.errors(include_url=False, include_input=False)
         reasons = ["/".join(str(p) for p in err["loc"]) + f": {err['msg']}" for err in errors[:3]]
         return "; ".join(reasons)
-    except (ValueError, TypeError) as exc:
-        return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-    return None
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
 
 
 class Puller:
@@ -347,8 +344,9 @@ class Puller:
                 if old is None or _version(r) > _version(old):
                     kept[key] = r
         valid: list[dict] = []
+        memo = ValidationMemo()
         for r in kept.values():
-            problem = validation_problem(r)
+            problem = validation_problem(r, memo)
             if problem is None:
                 valid.append(r)
             else:

@@ -8,13 +8,14 @@ import datetime as dt
 import random
 
 import pytest
+from pydantic import ValidationError
 
 from fhir_aibl import synth
 from fhir_aibl.cds.prefetch import bundle_resources, for_patient
 from fhir_aibl.cds.samples import patient_view_request
-from fhir_aibl.cds.validation import select_and_validate, validate, validate_each
-from fhir_aibl.validation import needs_validation
+from fhir_aibl.cds.validation import select_and_validate, validate
 from fhir_aibl.facts import extract_facts
+from fhir_aibl.validation import model_for, needs_validation
 
 from ..conftest import FIXTURES
 from .conftest import PV, bundle
@@ -117,7 +118,20 @@ def test_without_validation_nothing_is_dropped_or_reported(make_app):
     assert "failed FHIR R4 validation" not in card["detail"]
 
 
-# --------------------------------------------------------------------------- shared elements
+# --------------------------------------------------------------------------- the memo inside a request
+
+
+def validate_each(resources):
+    """The reference: every resource validated alone by its R4B model."""
+    good, bad = [], []
+    for res in resources:
+        try:
+            model_for(res["resourceType"]).model_validate(res)
+        except (ValidationError, ValueError, TypeError, KeyError):
+            bad.append(f"`{res['resourceType']}/{res.get('id', '?')}`")
+            continue
+        good.append(res)
+    return good, bad
 
 _BAD_VALUES = [None, "", " ", 0, 1.5, True, [], {}, [None], {"bogus": 1}, "{}", ["x"], [{}], {"coding": "x"}]
 
@@ -147,14 +161,14 @@ def _mutants(resource: dict, rng: random.Random, count: int):
         yield mutant
 
 
-def test_shared_elements_give_the_verdicts_of_validating_each_resource_alone():
+def test_the_memo_gives_the_verdicts_of_validating_each_resource_alone():
     rng = random.Random(20260601)
     resources = []
     for _name, record in _records():
         resources += [r for r, _ in bundle_resources(record)]
     assert validate(resources) == validate_each(resources)
     mutants = [m for r in rng.sample(resources, 120) for m in _mutants(r, rng, 6)]
-    # one call: elements are shared across the mutants as they would be across a prefetch
+    # one call: shapes are remembered across the mutants as they would be across a prefetch
     assert validate(resources + mutants) == validate_each(resources + mutants)
     for mutant in mutants[:200]:
         assert validate([mutant]) == validate_each([mutant])
