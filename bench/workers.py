@@ -139,11 +139,13 @@ def assess(args: argparse.Namespace) -> dict:
 
     Variants: `shipped` is the reader as shipped (validates the resources the facts stage
     reads, with the assessor's value sets, as `fhir-aibl assess` does); `no-validation`
-    validates nothing (the cost of everything else).
+    validates nothing (the cost of everything else). Both under the command's collector
+    thresholds (`cli.fewer_collections`).
     """
     import orjson
 
     from fhir_aibl.assess import Assessor
+    from fhir_aibl.cli import fewer_collections
     from fhir_aibl.errors import AiblError
     from fhir_aibl.sources import PatientRecord, iter_records
 
@@ -154,7 +156,8 @@ def assess(args: argparse.Namespace) -> dict:
     patients = problems = resources = 0
     rss_samples = []
     t0 = time.perf_counter()
-    with open(os.devnull, "wb") as sink:
+    # the collector thresholds `fhir-aibl assess` runs under (cli.fewer_collections)
+    with open(os.devnull, "wb") as sink, fewer_collections():
         records = iter_records([args.dir], validate=args.variant == "shipped", terminology=assessor.terminology)
         for item in records:
             if not isinstance(item, PatientRecord):

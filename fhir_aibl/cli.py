@@ -181,7 +181,7 @@ def fhir_bundle_json(assessments: Sequence[Assessment]) -> str:
 
 
 @contextlib.contextmanager
-def _fewer_collections() -> Iterator[None]:
+def fewer_collections() -> Iterator[None]:
     """Run the cyclic garbage collector less often while the block runs.
 
     Reading allocates millions of short-lived JSON containers (two parses of every line)
@@ -189,6 +189,7 @@ def _fewer_collections() -> Iterator[None]:
     (a collection every 700 net allocations) the collector scans them tens of thousands of
     times for nothing, about 15% of `assess` (bench/workers.py cli). Cycles are still
     collected, just in larger batches; the previous thresholds are restored afterwards.
+    bench/workers.py measures the `assess` pipeline under it too, as the command runs it.
     """
     saved = gc.get_threshold()
     gc.set_threshold(20_000, 50, 100)
@@ -199,7 +200,7 @@ def _fewer_collections() -> Iterator[None]:
 
 
 def _assess_command(args: argparse.Namespace) -> int:
-    with _fewer_collections():
+    with fewer_collections():
         return _assess(args)
 
 

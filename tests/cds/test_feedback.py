@@ -124,33 +124,34 @@ def test_critical_cards_are_never_suppressed(make_app, tmp_path):
     assert [c for c in harness.hook(OS, request).json()["cards"] if c["indicator"] == "critical"]
 
 
-def test_suppression_survives_a_restart(make_app, tmp_path):
-    database = str(tmp_path / "shared.sqlite3")
+def _override_then_restart(make_app, database: str, between=None) -> list[str]:
+    """Override V06's first card, close the service, (change the database,) and start it again:
+    the kinds of card the restarted service shows."""
     first = make_app(feedback={"database": database})
     request = patient_view_request(bundle("V06"))
     cards = first.hook(PV, request).json()["cards"]
     first.feedback(PV, override(cards[0]))
     first.cds.close()
+    if between is not None:
+        between(database)
     second = make_app(feedback={"database": database})
     second.clock[0] = first.clock[0]
-    assert kinds(second.hook(PV, request).json()["cards"]) == ["treatment"]
+    return kinds(second.hook(PV, request).json()["cards"])
+
+
+def test_suppression_survives_a_restart(make_app, tmp_path):
+    assert _override_then_restart(make_app, str(tmp_path / "shared.sqlite3")) == ["treatment"]
 
 
 def test_a_database_from_before_the_overrides_table_keeps_its_suppressions(make_app, tmp_path):
     import sqlite3
 
-    database = str(tmp_path / "old.sqlite3")
-    first = make_app(feedback={"database": database})
-    request = patient_view_request(bundle("V06"))
-    cards = first.hook(PV, request).json()["cards"]
-    first.feedback(PV, override(cards[0]))
-    first.cds.close()
-    with sqlite3.connect(database) as db:  # as the store left it before it kept `overrides`
-        db.execute("DROP TABLE overrides")
-        db.execute("DELETE FROM meta WHERE name = 'overrides'")
-    second = make_app(feedback={"database": database})
-    second.clock[0] = first.clock[0]
-    assert kinds(second.hook(PV, request).json()["cards"]) == ["treatment"]
+    def as_before_overrides(database: str) -> None:
+        with sqlite3.connect(database) as db:  # as the store left it before it kept `overrides`
+            db.execute("DROP TABLE overrides")
+            db.execute("DELETE FROM meta WHERE name = 'overrides'")
+
+    assert _override_then_restart(make_app, str(tmp_path / "old.sqlite3"), as_before_overrides) == ["treatment"]
 
 
 def test_an_override_goes_when_its_card_is_pruned(make_app):

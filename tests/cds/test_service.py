@@ -403,6 +403,22 @@ def test_busy_is_503(make_app, monkeypatch):
     assert first.status_code == 200 and second.status_code == 200
 
 
+def test_a_saturated_service_sheds_a_call_before_spending_on_it(make_app, monkeypatch):
+    """Busy is answered before the JWT is checked or the body read: shedding costs next to nothing."""
+    harness = make_app(assess_workers=1, max_queued=1)
+    harness.cds.in_flight = 2  # as if two calls were in progress
+    spent = []
+    monkeypatch.setattr(harness.cds, "authenticate", lambda *a: spent.append("jwt"))
+    monkeypatch.setattr(harness.cds, "read_json", lambda *a: spent.append("body"))
+    response = harness.hook(PV, patient_view_request(bundle("V06")))
+    assert response.status_code == 503 and outcome(response)[0] == "cds-busy"
+    assert spent == []
+    assert harness.cds.in_flight == 2  # a shed call is not counted
+    harness.cds.in_flight = 0
+    monkeypatch.undo()
+    assert harness.hook(PV, patient_view_request(bundle("V06"))).status_code == 200
+
+
 # --------------------------------------------------------------------------- CORS
 
 
