@@ -54,6 +54,15 @@ def _pinned(cpus: set[int] | None):
     return lambda: os.sched_setaffinity(0, cpus)
 
 
+def _process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc; 0.0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:  # pragma: no cover - not Linux
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def sample_request() -> tuple[dict, int, str]:
     """A patient-view request for the synthetic patient whose prefetch is closest to 150 resources."""
     from fhir_aibl import synth
@@ -116,6 +125,7 @@ def measure(*, rates: list[int], seconds: float, warmup: float, log=print) -> di
                     raise RuntimeError(f"the CDS service did not start: {(tmpdir / 'server.log').read_text()[-600:]}")
                 time.sleep(0.2)
             log(f"cds: service up on {base}; prefetch of {prefetch_resources} resources; rates {rates} x {seconds}s")
+            cpu_before = _process_cpu_seconds(server.pid)
             proc = subprocess.run(
                 [sys.executable, str(BENCH / "cds_load.py"), "--url", url, "--request", str(tmpdir / "request.json"),
                  "--key", str(tmpdir / "client-key.json"), "--iss", ISS, "--rates", ",".join(map(str, rates)),
@@ -126,6 +136,8 @@ def measure(*, rates: list[int], seconds: float, warmup: float, log=print) -> di
             if proc.returncode != 0:
                 raise RuntimeError(f"load generator failed: {proc.stderr[-800:]}")
             results = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+            cpu_used = _process_cpu_seconds(server.pid) - cpu_before
+            sent = sum(round(rate * (seconds + warmup)) for rate in rates)
             # One request after the load, checked: the answer is a set of cards, not an error page.
             from joserfc import jwt
 
@@ -149,6 +161,8 @@ def measure(*, rates: list[int], seconds: float, warmup: float, log=print) -> di
         "hook": "patient-view",
         "prefetch_resources": prefetch_resources,
         "check": {"status": check.status_code, "cards": cards},
+        # the service process's own CPU (user + system) over every request of the load, warm-ups included
+        "service_cpu_ms_per_request": round(cpu_used / sent * 1000, 2) if sent else None,
         "service_cpus": sorted(service_cpus) if service_cpus else None,
         "load_cpus": sorted(load_cpus) if load_cpus else None,
         "rates": results,
