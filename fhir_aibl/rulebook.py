@@ -452,10 +452,6 @@ def compile_assert(template: Mapping[str, Any]) -> tuple[tuple[str, str | None, 
     return tuple(out)
 
 
-def render_assert(template: Mapping[str, Any], matched: Mapping[str, Mapping[str, Any]]) -> dict:
-    """The fact a rule asserts, given the facts its `when` patterns matched (by alias)."""
-    return render_compiled(compile_assert(template), matched)
-
-
 def render_compiled(compiled: tuple[tuple[str, str | None, Any], ...], matched: Mapping[str, Mapping[str, Any]]) -> dict:
+    """The fact a rule asserts, from its compiled template and the facts its `when` patterns matched (by alias)."""
     return {key: (value if alias is None else matched[alias].get(value)) for key, alias, value in compiled}

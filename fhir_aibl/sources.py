@@ -316,29 +316,34 @@ def _read_ndjson(path: Path, source: str, grouping: _Spool) -> Iterator[InputErr
                 continue
             # Where the line is, so that the second pass reads it again instead of holding it.
             at = (lineno, start, len(line), zlib.crc32(line))
-            rtype = obj.get("resourceType") if type(obj) is dict else None
-            if type(rtype) is str and rtype != "Bundle":  # the usual line, one resource: as _read_object would
-                if rtype in RELEVANT_TYPES:
-                    problem = grouping.add(obj, where, source, label=None, urns=None, line=at)
-                    if problem is not None:
-                        yield problem
+            if type(obj) is dict and obj.get("resourceType") == "Bundle":
+                yield from _read_bundle(obj, where, source, "", grouping)
                 continue
-            yield from _read_object(obj, where, source, grouping, line=at)
+            # the usual line, one resource: indexed without a generator per line
+            problem = _index_resource(obj, where, source, grouping, line=at)
+            if problem is not None:
+                yield problem
 
 
-def _read_object(
+def _read_object(obj: Any, where: str, file: str, grouping: _Spool) -> Iterator[InputError]:
+    if isinstance(obj, dict) and obj.get("resourceType") == "Bundle":
+        yield from _read_bundle(obj, where, file, "", grouping)
+        return
+    problem = _index_resource(obj, where, file, grouping)
+    if problem is not None:
+        yield problem
+
+
+def _index_resource(
     obj: Any, where: str, file: str, grouping: _Spool, line: tuple[int, int, int, int] | None = None
-) -> Iterator[InputError]:
+) -> InputError | None:
+    """A JSON value that is not a Bundle: indexed if it is a relevant resource, an error if it is no resource."""
     if not isinstance(obj, dict) or not isinstance(obj.get("resourceType"), str):
         kind = "a JSON object" if isinstance(obj, dict) else f"JSON {type(obj).__name__}"
-        yield NotFhirError(f"not a FHIR resource or Bundle: {kind} without a resourceType", source=where)
-        return
-    if obj["resourceType"] == "Bundle":
-        yield from _read_bundle(obj, where, file, "", grouping)
-    elif obj["resourceType"] in RELEVANT_TYPES:
-        problem = grouping.add(obj, where, file, label=None, urns=None, line=line)
-        if problem is not None:
-            yield problem
+        return NotFhirError(f"not a FHIR resource or Bundle: {kind} without a resourceType", source=where)
+    if obj["resourceType"] in RELEVANT_TYPES:
+        return grouping.add(obj, where, file, label=None, urns=None, line=line)
+    return None
 
 
 # --------------------------------------------------------------------------- Bundles
