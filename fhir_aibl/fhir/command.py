@@ -125,6 +125,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"attempts per idempotent request (default: {retry.max_attempts})",
     )
     http.add_argument(
+        "--backoff",
+        type=_positive(float),
+        default=retry.backoff_base,
+        help=f"base of the exponential backoff between attempts, s (default: {retry.backoff_base:g})",
+    )
+    http.add_argument(
         "--retry-after-max",
         type=_positive(float),
         default=retry.retry_after_ceiling,
@@ -196,7 +202,9 @@ def _settings(args: argparse.Namespace) -> ClientSettings:
     return ClientSettings(
         connect_timeout=args.connect_timeout,
         read_timeout=args.timeout,
-        retry=RetrySettings(max_attempts=args.attempts, retry_after_ceiling=args.retry_after_max),
+        retry=RetrySettings(
+            max_attempts=args.attempts, backoff_base=args.backoff, retry_after_ceiling=args.retry_after_max
+        ),
         max_pages=args.max_pages,
         debug_phi=args.debug_phi,
     )

@@ -52,12 +52,14 @@ def test_defaults_are_the_documented_ones():
         args.timeout,
         args.connect_timeout,
         args.attempts,
+        args.backoff,
         args.retry_after_max,
         args.max_pages,
         args.progress,
         args.write_back,
         args.debug_phi,
-    ) == ("table", "generic", 60.0, 10.0, 5, 120.0, 50, "auto", False, False)
+    ) == ("table", "generic", 60.0, 10.0, 5, 0.5, 120.0, 50, "auto", False, False)
+    assert command._settings(parse("--fhir-base", BASE, "--all", "--backoff", "0.05")).retry.backoff_base == 0.05
 
 
 def test_a_population_run_prints_the_assess_contract_and_a_summary():

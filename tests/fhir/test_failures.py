@@ -12,6 +12,7 @@ import responses
 from urllib3.exceptions import ProtocolError
 
 from fhir_aibl.fhir import FhirClient
+from fhir_aibl.fhir.client import SearchSpec
 from fhir_aibl.fhir.errors import BadResponse, TransportError
 from fhir_aibl.fhir.http import Http
 from fhir_aibl.fhir.settings import ClientSettings
@@ -103,8 +104,6 @@ def test_a_search_answered_with_something_else_than_a_bundle_is_retried():
     with responses.RequestsMock() as rsps:
         rsps.get(f"{BASE}/Patient", json={"resourceType": "Bundle", "entry": ["not an entry"]})
         rsps.get(f"{BASE}/Patient", json=bundle)
-        from fhir_aibl.fhir.client import SearchSpec
-
         assert client.search(SearchSpec("Patient")) == [PATIENT]
 
 
@@ -197,7 +196,9 @@ def test_capabilities_that_cannot_be_read_stop_the_run_with_exit_2_and_its_repor
     original = fake.handle
     if fault == "500":
         fake.handle = lambda method, path, params, body: (
-            (500, outcome("internal error", "exception")) if path == "metadata" else original(method, path, params, body)
+            (500, outcome("internal error", "exception"))
+            if path == "metadata"
+            else original(method, path, params, body)
         )
     elif fault == "cut off":
         fake.fault = lambda method, path, body: CUT_OFF[0] if path == "metadata" else None
