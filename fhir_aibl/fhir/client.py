@@ -22,7 +22,7 @@ from urllib.parse import quote, urlencode
 import requests
 
 from .auth import Auth
-from .errors import FhirError, IgnoredParameter, NotFound, PageLimit, ServerError, outcome_diagnostics
+from .errors import AuthError, FhirError, IgnoredParameter, NotFound, PageLimit, ServerError, outcome_diagnostics
 from .http import Http, resource_of
 from .profiles import VendorProfile, get_profile
 from .settings import ClientSettings
@@ -270,6 +270,8 @@ class FhirClient:
                 if not isinstance(exc, NotFound) and exc.status not in (405, 501):
                     raise _unreadable(exc) from exc
                 self._capabilities = Capabilities.unknown(str(exc))
+            except AuthError:
+                raise  # the credentials are refused: said as such, nothing else would work either
             except FhirError as exc:
                 raise _unreadable(exc) from exc
             else:

@@ -28,6 +28,7 @@ import datetime as dt
 import json
 import logging
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import TextIO
 
@@ -233,10 +234,10 @@ def build_client(args: argparse.Namespace, *, session=None, environ=None) -> Fhi
 
 
 def summary(report: RunReport, *, write_back: bool) -> list[str]:
-    confirmed = sum(1 for o in report.outcomes if o.status == "written" and o.note)
+    notes = Counter(o.note for o in report.outcomes if o.status == "written" and o.note)
     lines = [
         f"patients found {report.found}, assessed {report.count('assessed')}, written {report.count('written')}"
-        + (f" ({confirmed} confirmed after a lost response)" if confirmed else "")
+        + (f" ({', '.join(f'{n} {note}' for note, n in sorted(notes.items()))})" if notes else "")
         + f", unchanged {report.count('unchanged')}, failed {report.count('failed')}"
     ]
     pulled = [o for o in report.outcomes if o.pull_requests]

@@ -266,6 +266,22 @@ def test_a_transaction_applied_but_its_answer_lost_is_reported_written(fault):
     assert "written 0, unchanged 2, failed 0" in again.stderr  # a later run: unchanged, as it should be
 
 
+def test_a_transaction_applied_behind_a_gateway_that_answered_504_is_reported_written():
+    fake = FakeFhir(resources=record("p1"), store_writes=True)
+    original = fake._callback
+
+    def callback(request):
+        status, headers, body = original(request)
+        if request.method == "POST" and b'"transaction"' in request.body and len(fake.transactions) == 1:
+            return 504, headers, json.dumps(outcome("upstream timed out", "timeout"))
+        return status, headers, body
+
+    fake._callback = callback
+    result = run_fake(fake, "--patient", "p1", "--write-back")
+    assert result.code == 0, result.stderr
+    assert "written 1 (1 confirmed after a failed answer), unchanged 0, failed 0" in result.stderr
+
+
 def test_a_transaction_whose_answer_is_lost_twice_fails_saying_it_may_have_been_applied():
     fake = FakeFhir(resources=record("p1"))
     original = fake._callback
