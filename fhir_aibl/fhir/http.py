@@ -184,37 +184,14 @@ class Http:
         idempotent: bool | None = None,
         what: str = "",
         retry_statuses: frozenset[int] | None = None,
-    ) -> requests.Response:
-        """Send one request (with retries); return a 2xx response or raise a typed FhirError.
-
-        `retry_statuses`: the statuses retried (default `RetrySettings.statuses`)."""
-        return self._exchange(
-            method,
-            path_or_url,
-            params=params,
-            body=body,
-            headers=headers,
-            idempotent=idempotent,
-            what=what,
-            retry_statuses=retry_statuses,
-            read=lambda resp: resp,
-        )
-
-    def _exchange(
-        self,
-        method: str,
-        path_or_url: str,
-        *,
-        params: Mapping[str, Any] | list[tuple[str, str]] | None,
-        body: Any,
-        headers: Mapping[str, str] | None,
-        idempotent: bool | None,
-        what: str,
-        retry_statuses: frozenset[int] | None,
-        read: Callable[[requests.Response], Any],
+        read: Callable[[requests.Response], Any] | None = None,
     ) -> Any:
-        """The request loop: send, then `read` a 2xx answer (raising BadResponse when it is
-        unusable); every failure that may pass is retried when the request is idempotent."""
+        """Send one request (with retries); return a 2xx response, or what `read` makes of it,
+        or raise a typed FhirError.
+
+        `retry_statuses`: the statuses retried (default `RetrySettings.statuses`). `read` turns a
+        2xx answer into its value, raising BadResponse when it is unusable: that is a failure of
+        the exchange, retried like a transport failure when the request is idempotent."""
         method = method.upper()
         url = self.url(path_or_url)
         what = what or method
@@ -263,6 +240,8 @@ class Http:
                 log.debug("%s -> %s", self.describe(method, url, what), resp.status_code)
                 status = resp.status_code
                 if status < 300:
+                    if read is None:
+                        return resp
                     try:
                         return read(resp)
                     except BadResponse as exc:
@@ -316,25 +295,13 @@ class Http:
         if seconds > 0:
             self.sleep(seconds)
 
-    def json(
-        self,
-        method: str,
-        path_or_url: str,
-        *,
-        expect: Expect | None = None,
-        params: Mapping[str, Any] | list[tuple[str, str]] | None = None,
-        body: Any = None,
-        headers: Mapping[str, str] | None = None,
-        idempotent: bool | None = None,
-        what: str = "",
-        retry_statuses: frozenset[int] | None = None,
-    ) -> Any:
+    def json(self, method: str, path_or_url: str, *, expect: Expect | None = None, **options: Any) -> Any:
         """`send`, then the body as JSON (None for an empty body).
 
         A body that is not JSON, or that `expect` turns down (it returns why), is a failure of
         the exchange like a body cut short: retried when the request is idempotent, else (or
         after the last attempt) BadResponse."""
-        label = what or method.upper()
+        label = options.get("what") or method.upper()
 
         def read(resp: requests.Response) -> Any:
             if not resp.content:
@@ -349,17 +316,7 @@ class Http:
                 raise BadResponse(f"{label}: {problem}")
             return value
 
-        return self._exchange(
-            method,
-            path_or_url,
-            params=params,
-            body=body,
-            headers=headers,
-            idempotent=idempotent,
-            what=what,
-            retry_statuses=retry_statuses,
-            read=read,
-        )
+        return self.send(method, path_or_url, read=read, **options)
 
 
 def resource_of(*types: str) -> Expect:
