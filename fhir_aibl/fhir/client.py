@@ -268,12 +268,14 @@ class FhirClient:
                 )
             except ServerError as exc:
                 if not isinstance(exc, NotFound) and exc.status not in (405, 501):
-                    raise _unreadable(exc) from exc
+                    _say_unreadable(exc)
+                    raise
                 self._capabilities = Capabilities.unknown(str(exc))
             except AuthError:
                 raise  # the credentials are refused: said as such, nothing else would work either
             except FhirError as exc:
-                raise _unreadable(exc) from exc
+                _say_unreadable(exc)
+                raise
             else:
                 self._capabilities = Capabilities.parse(statement)
         return self._capabilities
@@ -338,7 +340,7 @@ class FhirClient:
             what=f"POST {what}",
             expect=_response_bundle("batch-response", len(entries)),
         )
-        return list(response["entry"])
+        return list(response.get("entry") or [])
 
     def transaction(self, bundle: Mapping[str, Any], *, what: str = "transaction") -> list[dict]:
         """POST a transaction Bundle (never retried here: see http.py); the response entries."""
@@ -352,7 +354,7 @@ class FhirClient:
             what=f"POST {what}",
             expect=_response_bundle("transaction-response", len(bundle.get("entry") or [])),
         )
-        return list(response["entry"])
+        return list(response.get("entry") or [])
 
     # -- writes ----------------------------------------------------------------------------------
     def create(self, resource: Mapping[str, Any], *, if_none_exist: str | None = None) -> WriteResult:
@@ -395,11 +397,10 @@ class FhirClient:
         self.http.session.close()
 
 
-def _unreadable(exc: FhirError) -> FhirError:
-    """The same error, its message saying that the server's capabilities could not be read."""
+def _say_unreadable(exc: FhirError) -> None:
+    """Make an error's message say that the server's capabilities could not be read."""
     exc.message = f"cannot read the server's capabilities (CapabilityStatement): {exc.message}"
     exc.args = (exc.message,)
-    return exc
 
 
 def _searchset(value: Any) -> str | None:

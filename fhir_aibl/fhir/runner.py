@@ -12,9 +12,8 @@ been applied and only its answer lost: then the retry finds the CarePlan it wrot
 the patient is reported `written`, "confirmed after a lost response", not `unchanged`).
 Anything unexpected while processing one patient (a server answer of a shape nobody
 foresaw, a bug) fails that patient with the error's name, never the run. Patients are
-processed one after another: the
-engine serialises evaluations anyway, and one request at a time is what a hospital's
-FHIR server is least likely to throttle.
+processed one after another: the engine serialises evaluations anyway, and one request
+at a time is what a hospital's FHIR server is least likely to throttle.
 """
 
 from __future__ import annotations
@@ -208,8 +207,9 @@ class Runner:
 
     def _process(self, patient_id: str, outcome: PatientOutcome) -> PatientOutcome:
         attempts = max(1, self.client.settings.write_attempts) if self.write_back else 1
-        #: the identifier of an earlier attempt's write whose answer was an error: it may have
-        #: been applied (a transaction is atomic: all of it or nothing)
+        # The identifier an earlier attempt tried to write when its answer was an error: that
+        # write may have been applied (a transaction is atomic: all of it or nothing); `lost`:
+        # no whole answer came back at all (a status, even an error, is an answer).
         tried: str | None = None
         lost = False
         for attempt in range(1, attempts + 1):
@@ -258,9 +258,7 @@ class Runner:
                 outcome.write_requests += self.client.stats.requests - before
                 outcome.reason = f"write-back: {exc}"
                 if plan is not None and plan.action != "unchanged":
-                    tried = plan.identifier
-                    # no whole answer: the server may have applied it (a status is an answer)
-                    lost = lost or isinstance(exc, TransportError)
+                    tried, lost = plan.identifier, isinstance(exc, TransportError)
                 if isinstance(exc, TransportError):
                     outcome.reason += "; it may have been applied: a rerun will find it and write nothing twice"
                 if attempt < attempts:
