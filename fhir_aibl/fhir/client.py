@@ -22,8 +22,8 @@ from urllib.parse import quote, urlencode
 import requests
 
 from .auth import Auth
-from .errors import AuthError, FhirError, IgnoredParameter, PageLimit, TransportError, outcome_diagnostics
-from .http import Http
+from .errors import AuthError, FhirError, IgnoredParameter, NotFound, PageLimit, ServerError, outcome_diagnostics
+from .http import Http, resource_of
 from .profiles import VendorProfile, get_profile
 from .settings import ClientSettings
 
@@ -249,29 +249,51 @@ class FhirClient:
 
     # -- discovery ---------------------------------------------------------------------------
     def capabilities(self, refresh: bool = False) -> Capabilities:
-        """The server's CapabilityStatement, read once. A server without one (or with a broken one)
-        gets `Capabilities.unknown`, and the profile decides; bad credentials still raise."""
+        """The server's CapabilityStatement, read once.
+
+        `GET metadata` is retried like any idempotent request, and on 500 too (it has no
+        parameters: a 500 is the server's trouble, not the request's). A server that says it
+        has none (404, 405, 501) gets `Capabilities.unknown`, and the profile decides. Any
+        other failure raises, the message saying the capabilities could not be read: a run
+        must not go on with defaults that may be wrong for a server that is merely failing
+        (every patient would fail, or be pulled the wrong way)."""
         if self._capabilities is None or refresh:
             try:
-                statement = self.http.json("GET", "metadata", what="GET metadata")
-            except (AuthError, TransportError):
-                raise  # bad credentials or no server: nothing else would work either
-            except FhirError as exc:
+                statement = self.http.json(
+                    "GET",
+                    "metadata",
+                    what="GET metadata",
+                    expect=resource_of("CapabilityStatement"),
+                    retry_statuses=self.settings.retry.statuses | {500},
+                )
+            except ServerError as exc:
+                if not isinstance(exc, NotFound) and exc.status not in (405, 501):
+                    _say_unreadable(exc)
+                    raise
                 self._capabilities = Capabilities.unknown(str(exc))
+            except AuthError:
+                raise  # the credentials are refused: said as such, nothing else would work either
+            except FhirError as exc:
+                _say_unreadable(exc)
+                raise
             else:
-                if isinstance(statement, dict) and statement.get("resourceType") == "CapabilityStatement":
-                    self._capabilities = Capabilities.parse(statement)
-                else:
-                    self._capabilities = Capabilities.unknown("GET metadata did not answer a CapabilityStatement")
+                self._capabilities = Capabilities.parse(statement)
         return self._capabilities
 
     # -- read and search -----------------------------------------------------------------------
     def read(self, resource_type: str, resource_id: str) -> dict:
-        return self.http.json("GET", f"{resource_type}/{quote(resource_id, safe='')}", what=f"GET {resource_type} read")
+        return self.http.json(
+            "GET",
+            f"{resource_type}/{quote(resource_id, safe='')}",
+            what=f"GET {resource_type} read",
+            expect=resource_of(resource_type),
+        )
 
     def search(self, spec: SearchSpec, *, max_pages: int | None = None) -> list[dict]:
         """Every resource of a search, following `next` links (same origin, page cap)."""
-        first = self.http.json("GET", spec.url(), headers=self._search_headers(), what=f"GET {spec.describe()}")
+        first = self.http.json(
+            "GET", spec.url(), headers=self._search_headers(), what=f"GET {spec.describe()}", expect=_searchset
+        )
         return self.collect(first, spec, max_pages=max_pages)
 
     def collect(self, first: Any, spec: SearchSpec, *, max_pages: int | None = None) -> list[dict]:
@@ -298,7 +320,9 @@ class FhirClient:
             if count >= limit:
                 raise PageLimit(f"{spec.describe()}: more than {limit} pages; raise the page cap or narrow the search")
             self.http.check_origin(link)
-            page = self.http.json("GET", link, headers=self._search_headers(), what=f"GET {spec.describe()} next page")
+            page = self.http.json(
+                "GET", link, headers=self._search_headers(), what=f"GET {spec.describe()} next page", expect=_searchset
+            )
 
     # -- batch and transaction -----------------------------------------------------------------
     def batch(self, entries: Sequence[Mapping[str, Any]], *, read_only: bool = True, what: str = "batch") -> list[dict]:
@@ -308,27 +332,29 @@ class FhirClient:
         """
         bundle = {"resourceType": "Bundle", "type": "batch", "entry": list(entries)}
         response = self.http.json(
-            "POST", "", body=bundle, idempotent=read_only, headers=self._search_headers(), what=f"POST {what}"
+            "POST",
+            "",
+            body=bundle,
+            idempotent=read_only,
+            headers=self._search_headers(),
+            what=f"POST {what}",
+            expect=_response_bundle("batch-response", len(entries)),
         )
-        return self._response_entries(response, "batch-response", len(entries), what)
+        return list(response.get("entry") or [])
 
     def transaction(self, bundle: Mapping[str, Any], *, what: str = "transaction") -> list[dict]:
         """POST a transaction Bundle (never retried here: see http.py); the response entries."""
         if bundle.get("type") != "transaction":
             raise FhirError("a transaction Bundle must have type transaction")
-        response = self.http.json("POST", "", body=dict(bundle), idempotent=False, what=f"POST {what}")
-        return self._response_entries(response, "transaction-response", len(bundle.get("entry") or []), what)
-
-    @staticmethod
-    def _response_entries(response: Any, kind: str, expected: int, what: str) -> list[dict]:
-        if not isinstance(response, dict) or response.get("resourceType") != "Bundle":
-            raise FhirError(f"{what}: the server did not answer a Bundle")
-        if response.get("type") not in (kind, None):
-            raise FhirError(f"{what}: the server answered a {response.get('type')} Bundle, not a {kind}")
-        entries = list(response.get("entry") or [])
-        if len(entries) != expected:
-            raise FhirError(f"{what}: {expected} entries sent, {len(entries)} answered")
-        return entries
+        response = self.http.json(
+            "POST",
+            "",
+            body=dict(bundle),
+            idempotent=False,
+            what=f"POST {what}",
+            expect=_response_bundle("transaction-response", len(bundle.get("entry") or [])),
+        )
+        return list(response.get("entry") or [])
 
     # -- writes ----------------------------------------------------------------------------------
     def create(self, resource: Mapping[str, Any], *, if_none_exist: str | None = None) -> WriteResult:
@@ -369,6 +395,41 @@ class FhirClient:
 
     def close(self) -> None:
         self.http.session.close()
+
+
+def _say_unreadable(exc: FhirError) -> None:
+    """Make an error's message say that the server's capabilities could not be read."""
+    exc.message = f"cannot read the server's capabilities (CapabilityStatement): {exc.message}"
+    exc.args = (exc.message,)
+
+
+def _searchset(value: Any) -> str | None:
+    """An `expect` check for a search answer: a Bundle whose entries are objects."""
+    if not isinstance(value, dict) or value.get("resourceType") != "Bundle":
+        return "the server did not answer a Bundle"
+    entries = value.get("entry")
+    if entries is not None and (not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries)):
+        return "the server answered a Bundle whose entries are not objects"
+    return None
+
+
+def _response_bundle(kind: str, expected: int):
+    """An `expect` check for a batch or transaction answer: a Bundle of `kind` with one object
+    entry per request sent."""
+
+    def check(value: Any) -> str | None:
+        if not isinstance(value, dict) or value.get("resourceType") != "Bundle":
+            return "the server did not answer a Bundle"
+        if value.get("type") not in (kind, None):
+            return f"the server answered a {value.get('type')} Bundle, not a {kind}"
+        entries = value.get("entry") or []
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            return "the server answered a Bundle whose entries are not objects"
+        if len(entries) != expected:
+            return f"{expected} entries sent, {len(entries)} answered"
+        return None
+
+    return check
 
 
 def _write_result(resp: requests.Response) -> WriteResult:

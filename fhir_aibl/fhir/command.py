@@ -13,8 +13,12 @@ terminal), warnings, the failures with their reasons and a summary: patients fou
 assessed, written, unchanged, failed, and the round trips measured.
 
 Exit status: 0 every patient found was assessed (and written or unchanged); 1 some
-patient failed (the others are done); 2 nothing could run (bad arguments or settings,
-the server unreachable, credentials refused, no population search).
+patient failed (the others are done); 2 the run itself failed: nothing could run (bad
+arguments or settings, the server unreachable, credentials refused, the capabilities
+unreadable, no population search), or the run stopped before every patient was attempted
+(credentials refused mid-run, the server away for several patients in a row). Whatever
+the status, the output, the failures and the summary are printed, never a traceback;
+docs/failure-behaviour.md says what each kind of fault gets.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import datetime as dt
 import json
 import logging
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import TextIO
 
@@ -32,7 +37,7 @@ from ..errors import AiblError
 from .auth import DEFAULT_SCOPE, TOKEN_ENV, auth_from_options
 from .client import FhirClient
 from .profiles import PROFILES, get_profile
-from .runner import Runner, RunReport
+from .runner import PatientOutcome, Runner, RunReport
 from .settings import ClientSettings, RetrySettings
 
 log = logging.getLogger("fhir_aibl.fhir")
@@ -121,6 +126,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"attempts per idempotent request (default: {retry.max_attempts})",
     )
     http.add_argument(
+        "--backoff",
+        type=_positive(float),
+        default=retry.backoff_base,
+        help=f"base of the exponential backoff between attempts, s (default: {retry.backoff_base:g})",
+    )
+    http.add_argument(
         "--retry-after-max",
         type=_positive(float),
         default=retry.retry_after_ceiling,
@@ -165,11 +176,36 @@ class Progress:
             self.stream.flush()
 
 
+def _print_report(args: argparse.Namespace, report: RunReport, *, out: TextIO, err: TextIO) -> None:
+    assessments = sorted(report.assessments, key=lambda a: a.patient)
+    if args.format == "json":
+        data = [a.explained() if args.explain else a.contract() for a in assessments]
+        print(json.dumps(data, indent=2), file=out)
+    else:
+        from ..cli import format_table
+
+        print(format_table(assessments), file=out)
+    for message in report.warnings:
+        print(f"warning: {message}", file=err)
+    for outcome in report.outcomes:
+        for message in outcome.warnings:
+            print(f"warning: {outcome.patient_ref}: {message}", file=err)
+    for outcome in report.outcomes:
+        if outcome.status == "written" and outcome.note:
+            print(f"written: {outcome.patient_ref} ({outcome.note})", file=err)
+    for outcome in report.failed:
+        print(f"failed: {outcome.patient_ref}: {outcome.reason}", file=err)
+    for line in summary(report, write_back=args.write_back):
+        print(line, file=err)
+
+
 def _settings(args: argparse.Namespace) -> ClientSettings:
     return ClientSettings(
         connect_timeout=args.connect_timeout,
         read_timeout=args.timeout,
-        retry=RetrySettings(max_attempts=args.attempts, retry_after_ceiling=args.retry_after_max),
+        retry=RetrySettings(
+            max_attempts=args.attempts, backoff_base=args.backoff, retry_after_ceiling=args.retry_after_max
+        ),
         max_pages=args.max_pages,
         debug_phi=args.debug_phi,
     )
@@ -198,9 +234,11 @@ def build_client(args: argparse.Namespace, *, session=None, environ=None) -> Fhi
 
 
 def summary(report: RunReport, *, write_back: bool) -> list[str]:
+    notes = Counter(o.note for o in report.outcomes if o.status == "written" and o.note)
     lines = [
-        f"patients found {report.found}, assessed {report.count('assessed')}, written {report.count('written')}, "
-        f"unchanged {report.count('unchanged')}, failed {report.count('failed')}"
+        f"patients found {report.found}, assessed {report.count('assessed')}, written {report.count('written')}"
+        + (f" ({', '.join(f'{n} {note}' for note, n in sorted(notes.items()))})" if notes else "")
+        + f", unchanged {report.count('unchanged')}, failed {report.count('failed')}"
     ]
     pulled = [o for o in report.outcomes if o.pull_requests]
     if pulled:
@@ -219,6 +257,14 @@ def summary(report: RunReport, *, write_back: bool) -> list[str]:
     return lines
 
 
+def _not_attempted(args: argparse.Namespace, why: str) -> RunReport:
+    """The report of a run that could not start: each patient asked for, failed, not attempted."""
+    report = RunReport(stopped=why)
+    for pid in dict.fromkeys(args.patient or []):
+        report.outcomes.append(PatientOutcome(patient_id=pid, status="failed", reason=f"not attempted: {why}"))
+    return report
+
+
 def run(
     args: argparse.Namespace,
     *,
@@ -229,7 +275,11 @@ def run(
     stderr: TextIO | None = None,
 ) -> int:
     """Run the command. `assessor`: the process's shared Assessor (one is made when not given, or
-    when --rules names another rule file); `session`, `environ`, `stdout`, `stderr` are seams."""
+    when --rules names another rule file); `session`, `environ`, `stdout`, `stderr` are seams.
+
+    Whatever happens, the run ends with its output (the JSON of what was assessed), its
+    failures, its summary and an exit status: 0 all done, 1 some patients failed, 2 the run
+    itself failed (it could not start, or stopped before every patient was attempted)."""
     out = stdout or sys.stdout
     err = stderr or sys.stderr
     handler = None
@@ -239,8 +289,9 @@ def run(
         log.addHandler(handler)
         log.setLevel(logging.DEBUG)
     progress = None
+    client: FhirClient | None = None
+    as_of = args.as_of or dt.date.today()
     try:
-        as_of = args.as_of or dt.date.today()
         try:
             if assessor is None or args.rules is not None:
                 assessor = Assessor(args.rules)
@@ -252,42 +303,40 @@ def run(
             client = build_client(args, session=session, environ=environ)
         except AiblError as exc:
             print(f"fatal: {exc}", file=err)
-            return 2
-        show = args.progress == "always" or (args.progress == "auto" and args.all and err.isatty())
-        progress = Progress(err) if show else None
-        runner = Runner(
-            client, assessor, as_of=as_of, write_back=args.write_back, catalogue=catalogue, on_progress=progress
-        )
-        try:
-            report = runner.run(None if args.all else args.patient)
-        except AiblError as exc:
-            if progress:
-                progress.close()
-            print(f"fatal: {exc}", file=err)
-            return 2
-        if progress:
-            progress.close()
-        assessments = sorted(report.assessments, key=lambda a: a.patient)
-        if args.format == "json":
-            data = [a.explained() if args.explain else a.contract() for a in assessments]
-            print(json.dumps(data, indent=2), file=out)
+            report = _not_attempted(args, "the run could not start")
         else:
-            from ..cli import format_table
-
-            print(format_table(assessments), file=out)
-        for message in report.warnings:
-            print(f"warning: {message}", file=err)
-        for outcome in report.outcomes:
-            for message in outcome.warnings:
-                print(f"warning: {outcome.patient_ref}: {message}", file=err)
-        for outcome in report.failed:
-            print(f"failed: {outcome.patient_ref}: {outcome.reason}", file=err)
-        for line in summary(report, write_back=args.write_back):
-            print(line, file=err)
+            show = args.progress == "always" or (args.progress == "auto" and args.all and err.isatty())
+            progress = Progress(err) if show else None
+            runner = Runner(
+                client, assessor, as_of=as_of, write_back=args.write_back, catalogue=catalogue, on_progress=progress
+            )
+            try:
+                report = runner.run(None if args.all else args.patient)
+            except AiblError as exc:
+                if progress:
+                    progress.close()
+                print(f"fatal: {exc}", file=err)
+                report = _not_attempted(args, "the run could not start")
+            except Exception as exc:  # noqa: BLE001 - the run ends with its report, never a traceback
+                if progress:
+                    progress.close()
+                log.debug("unexpected error in the run", exc_info=True)
+                print(f"fatal: unexpected error ({type(exc).__name__}: {str(exc)[:200]})", file=err)
+                report = _not_attempted(args, "the run could not start")
+            else:
+                if progress:
+                    progress.close()
+                if report.stopped:
+                    print(f"fatal: the run stopped before every patient was attempted: {report.stopped}", file=err)
+        _print_report(args, report, out=out, err=err)
         print(
-            f"ruleset {assessor.rulebook.name}; as of {as_of}; server {client.base_url} ({client.profile.name})",
+            f"ruleset {assessor.rulebook.name if assessor is not None else 'not loaded'}; as of {as_of}; "
+            f"server {client.base_url if client is not None else args.fhir_base} "
+            f"({client.profile.name if client is not None else args.profile})",
             file=err,
         )
+        if report.stopped:
+            return 2
         return 1 if report.failed else 0
     finally:
         if handler is not None:

@@ -5,8 +5,9 @@
         ├── ConfigError              fhir-config          a setting that cannot work (bad base URL, unknown profile)
         ├── AuthError                fhir-auth            no usable credentials, or the server refused them
         │   └── TokenError           fhir-token           the SMART token endpoint refused or answered nonsense
-        ├── TransportError           fhir-transport       no HTTP answer: connection refused, reset, DNS
-        │   └── RequestTimeout       fhir-timeout         no answer within the configured timeout
+        ├── TransportError           fhir-transport       no whole HTTP answer: refused, reset, DNS, cut short
+        │   ├── RequestTimeout       fhir-timeout         no answer within the configured timeout
+        │   └── BadResponse          fhir-bad-response    a 2xx answer that is not JSON, or not the FHIR asked for
         ├── ServerError              fhir-http            an HTTP error status; `.status`, `.diagnostics`, `.outcome`
         │   ├── BadRequest           fhir-bad-request     400, 422: the server refused the request as invalid
         │   ├── Forbidden            fhir-forbidden       403
@@ -62,6 +63,14 @@ class TransportError(FhirError):
 class RequestTimeout(TransportError):
     code = "fhir-timeout"
     issue_type = "timeout"
+
+
+class BadResponse(TransportError):
+    """An answer that arrived but cannot be used (not JSON, not the resource asked for): as for
+    a body cut short, the exchange failed, and an idempotent request is tried again."""
+
+    code = "fhir-bad-response"
+    issue_type = "transient"
 
 
 class ServerError(FhirError):

@@ -6,11 +6,14 @@ It owns what every request needs and no caller should repeat:
   on every request (`ClientSettings.connect_timeout`, `read_timeout`);
 - authentication headers, and one re-authentication and retry after a 401 (a 401 means
   the request was not processed, so this is safe for any method);
-- retries with exponential backoff and full jitter on 429, 502, 503, 504 and on
-  connection errors and timeouts, for idempotent requests only (GET, HEAD, PUT, DELETE,
-  or a caller's explicit `idempotent=True`, e.g. a batch of reads). A POST that creates
-  is never repeated here: whether it was applied is unknown after a lost answer, and
-  the write-back retries a patient as a whole instead (pull again, decide again);
+- retries with exponential backoff and full jitter on 429, 502, 503, 504 and on every
+  transport failure, for idempotent requests only (GET, HEAD, PUT, DELETE, or a caller's
+  explicit `idempotent=True`, e.g. a batch of reads). A transport failure is anything that
+  is not a whole, usable answer: no connection, a reset, a timeout, a body cut short of its
+  Content-Length, broken chunking or compression, and (through `json(expect=...)`) a body
+  that is not JSON or not the FHIR resource the request asks for. A POST that creates is
+  never repeated here: whether it was applied is unknown after a lost answer, and the
+  write-back retries a patient as a whole instead (pull again, decide again);
 - `Retry-After`, in seconds or as an HTTP-date, honoured up to a ceiling; beyond it the
   request fails at once rather than stall the run;
 - same-origin checks on absolute URLs (paging links): the bearer token is only ever sent
@@ -26,6 +29,7 @@ ids) unless `ClientSettings.debug_phi` is on.
 
 from __future__ import annotations
 
+import http.client
 import logging
 import random
 import time
@@ -35,12 +39,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import requests
+from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import InvalidHeader
 from urllib3.util.retry import Retry
 
 from .auth import Auth, NoAuth
 from .errors import (
     AuthError,
+    BadResponse,
     ConfigError,
     FhirError,
     ForeignLink,
@@ -76,6 +82,14 @@ log = logging.getLogger("fhir_aibl.fhir")
 FHIR_JSON = "application/fhir+json"
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+#: What can go wrong between sending a request and holding its whole answer. requests wraps
+#: most of it (ConnectionError, ChunkedEncodingError for a body cut short or broken chunking,
+#: ContentDecodingError); urllib3 and http.client errors are listed too, in case one escapes
+#: unwrapped, so that no transport failure ever reaches a caller as anything but a FhirError.
+_TRANSPORT_ERRORS = (requests.RequestException, Urllib3Error, http.client.HTTPException, OSError)
+#: Checks an answer's JSON: None when usable, else why not (the request is then retried like a
+#: transport failure, when idempotent).
+Expect = Callable[[Any], "str | None"]
 
 
 def origin(url: str) -> tuple[str, str, int]:
@@ -169,14 +183,22 @@ class Http:
         headers: Mapping[str, str] | None = None,
         idempotent: bool | None = None,
         what: str = "",
-    ) -> requests.Response:
-        """Send one request (with retries); return a 2xx response or raise a typed FhirError."""
+        retry_statuses: frozenset[int] | None = None,
+        read: Callable[[requests.Response], Any] | None = None,
+    ) -> Any:
+        """Send one request (with retries); return a 2xx response, or what `read` makes of it,
+        or raise a typed FhirError.
+
+        `retry_statuses`: the statuses retried (default `RetrySettings.statuses`). `read` turns a
+        2xx answer into its value, raising BadResponse when it is unusable: that is a failure of
+        the exchange, retried like a transport failure when the request is idempotent."""
         method = method.upper()
         url = self.url(path_or_url)
         what = what or method
         if idempotent is None:
             idempotent = method in IDEMPOTENT_METHODS
         retry = self.settings.retry
+        statuses = retry.statuses if retry_statuses is None else retry_statuses
         data = _dumps(body) if body is not None else None
         attempt = 0
         reauthenticated = False
@@ -203,48 +225,34 @@ class Http:
                     f"{self.describe(method, url, what)}: no answer within "
                     f"{self.settings.connect_timeout:g}/{self.settings.read_timeout:g} s (connect/read)"
                 )
-                cause: BaseException = exc
+                cause: BaseException | None = exc
             except requests.ConnectionError as exc:
                 error = TransportError(f"{self.describe(method, url, what)}: connection failed ({type(exc).__name__})")
+                cause = exc
+            except _TRANSPORT_ERRORS as exc:
+                # the answer began but did not arrive whole: cut short, reset, broken chunking
+                error = TransportError(
+                    f"{self.describe(method, url, what)}: the answer was cut off or garbled in transit "
+                    f"({type(exc).__name__})"
+                )
                 cause = exc
             else:
                 log.debug("%s -> %s", self.describe(method, url, what), resp.status_code)
                 status = resp.status_code
                 if status < 300:
-                    return resp
-                if status == 401 and not reauthenticated and self.auth.invalidate():
+                    if read is None:
+                        return resp
+                    try:
+                        return read(resp)
+                    except BadResponse as exc:
+                        error, cause = exc, exc.__cause__
+                elif status == 401 and not reauthenticated and self.auth.invalidate():
                     reauthenticated = True  # once: a second 401 means the credentials are refused
                     self.stats.reauthentications += 1
                     continue
-                body_json = _json_or_none(resp)
-                if status == 401:
-                    err = server_error(status, resp.reason or "", body_json, what=self.describe(method, url, what))
-                    raise AuthError(err.message)
-                if status in retry.statuses:
-                    wait = parse_retry_after(resp.headers.get("Retry-After"))
-                    err = server_error(
-                        status, resp.reason or "", body_json, what=self.describe(method, url, what), retry_after=wait
-                    )
-                    if wait is not None and wait > retry.retry_after_ceiling:
-                        err.message += (
-                            f" (Retry-After {wait:g} s is beyond the {retry.retry_after_ceiling:g} s ceiling)"
-                        )
-                        err.args = (err.message,)
-                        raise err
-                    if idempotent and attempt < retry.max_attempts:
-                        self._pause(wait if wait is not None else self.backoff(attempt))
-                        continue
-                    if attempt > 1:
-                        err.message += f" (after {attempt} attempts)"
-                        err.args = (err.message,)
-                    raise err
-                if 300 <= status < 400:
-                    raise ServerError(
-                        f"{self.describe(method, url, what)}: HTTP {status} redirect not followed "
-                        "(check the FHIR base URL)",
-                        status=status,
-                    )
-                raise server_error(status, resp.reason or "", body_json, what=self.describe(method, url, what))
+                else:
+                    self._pause(self._refused(resp, self.describe(method, url, what), statuses, idempotent, attempt))
+                    continue
             # a transport failure
             if idempotent and attempt < retry.max_attempts:
                 self._pause(self.backoff(attempt))
@@ -254,22 +262,73 @@ class Http:
                 error.args = (error.message,)
             raise error from cause
 
+    def _refused(
+        self, resp: requests.Response, what: str, statuses: frozenset[int], idempotent: bool, attempt: int
+    ) -> float:
+        """An error status: the seconds to wait before trying again, or raise its typed error."""
+        retry = self.settings.retry
+        status = resp.status_code
+        body_json = _json_or_none(resp)
+        if status == 401:
+            err = server_error(status, resp.reason or "", body_json, what=what)
+            raise AuthError(err.message)
+        if status in statuses:
+            wait = parse_retry_after(resp.headers.get("Retry-After"))
+            err = server_error(status, resp.reason or "", body_json, what=what, retry_after=wait)
+            if wait is not None and wait > retry.retry_after_ceiling:
+                err.message += f" (Retry-After {wait:g} s is beyond the {retry.retry_after_ceiling:g} s ceiling)"
+                err.args = (err.message,)
+                raise err
+            if idempotent and attempt < retry.max_attempts:
+                return wait if wait is not None else self.backoff(attempt)
+            if attempt > 1:
+                err.message += f" (after {attempt} attempts)"
+                err.args = (err.message,)
+            raise err
+        if 300 <= status < 400:
+            raise ServerError(f"{what}: HTTP {status} redirect not followed (check the FHIR base URL)", status=status)
+        raise server_error(status, resp.reason or "", body_json, what=what)
+
     def _pause(self, seconds: float) -> None:
         self.stats.retries += 1
         self.stats.slept += seconds
         if seconds > 0:
             self.sleep(seconds)
 
-    def json(self, method: str, path_or_url: str, **kwargs: Any) -> Any:
-        """`send`, then the body as JSON (None for an empty body)."""
-        resp = self.send(method, path_or_url, **kwargs)
-        if not resp.content:
+    def json(self, method: str, path_or_url: str, *, expect: Expect | None = None, **options: Any) -> Any:
+        """`send`, then the body as JSON (None for an empty body).
+
+        A body that is not JSON, or that `expect` turns down (it returns why), is a failure of
+        the exchange like a body cut short: retried when the request is idempotent, else (or
+        after the last attempt) BadResponse."""
+        label = options.get("what") or method.upper()
+
+        def read(resp: requests.Response) -> Any:
+            if not resp.content:
+                value = None
+            else:
+                try:
+                    value = _loads(resp.content)
+                except ValueError as exc:
+                    raise BadResponse(f"{label}: the server's answer is not JSON") from exc
+            problem = expect(value) if expect is not None else None
+            if problem:
+                raise BadResponse(f"{label}: {problem}")
+            return value
+
+        return self.send(method, path_or_url, read=read, **options)
+
+
+def resource_of(*types: str) -> Expect:
+    """An `expect` check: the answer is a JSON object of one of these resource types."""
+
+    def check(value: Any) -> str | None:
+        if isinstance(value, dict) and value.get("resourceType") in types:
             return None
-        try:
-            return _loads(resp.content)
-        except ValueError as exc:
-            what = kwargs.get("what") or method
-            raise FhirError(f"{what}: the server's answer is not JSON") from exc
+        got = value.get("resourceType") if isinstance(value, dict) else type(value).__name__
+        return f"the server answered {got or 'an object without resourceType'}, not a {' or '.join(types)}"
+
+    return check
 
 
 def _json_or_none(resp: requests.Response) -> Any:
@@ -279,4 +338,4 @@ def _json_or_none(resp: requests.Response) -> Any:
         return None
 
 
-__all__ = ["Http", "Stats", "origin", "parse_retry_after", "RateLimited", "Unavailable"]
+__all__ = ["Http", "Stats", "origin", "parse_retry_after", "resource_of", "RateLimited", "Unavailable"]

@@ -8,9 +8,12 @@ about the server, not the patient: credentials refused mid-run, and the server a
 are reported failed, "not attempted", and what was done stays done. A failed write is retried for
 that patient only (`ClientSettings.write_attempts`), after pulling and assessing it
 again, so the retry decides on what the server holds now (the earlier attempt may have
-been applied and only its answer lost). Patients are processed one after another: the
-engine serialises evaluations anyway, and one request at a time is what a hospital's
-FHIR server is least likely to throttle.
+been applied and only its answer lost: then the retry finds the CarePlan it wrote, and
+the patient is reported `written`, "confirmed after a lost response", not `unchanged`).
+Anything unexpected while processing one patient (a server answer of a shape nobody
+foresaw, a bug) fails that patient with the error's name, never the run. Patients are
+processed one after another: the engine serialises evaluations anyway, and one request
+at a time is what a hospital's FHIR server is least likely to throttle.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ class PatientOutcome:
     warnings: list[str] = field(default_factory=list)
     #: the failure was the server being unreachable or unavailable, not this patient's data
     outage: bool = False
+    #: how a `written` status was established, when not by the write's own answer
+    note: str = ""
 
     @property
     def patient_ref(self) -> str:
@@ -67,6 +72,9 @@ class RunReport:
     #: requests before the first patient (CapabilityStatement) and for the population search
     setup_requests: int = 0
     warnings: list[str] = field(default_factory=list)
+    #: why the run stopped before every patient was attempted (the server refused the
+    #: credentials, or was away for several patients in a row); "" when it did not
+    stopped: str = ""
 
     @property
     def found(self) -> int:
@@ -177,11 +185,33 @@ class Runner:
             if self.on_progress:
                 self.on_progress(done, len(ids))
         report.warnings.extend(self.puller.warnings_once)
+        report.stopped = stop_reason
         return report
 
     def process(self, patient_id: str) -> PatientOutcome:
+        """Pull, assess and (optionally) write one patient; every failure ends in the outcome,
+        except refused credentials (AuthError), which are about the run."""
         outcome = PatientOutcome(patient_id=patient_id, status="failed")
+        try:
+            return self._process(patient_id, outcome)
+        except AuthError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one patient's surprise must not sink the run
+            # Not a FhirError or AiblError: an answer of a shape no check foresaw, or a bug.
+            # The patient fails with the error's name; the traceback goes to the debug log.
+            log.debug("unexpected error for a patient", exc_info=True)
+            outcome.status = "failed"
+            outcome.assessment = None
+            outcome.reason = f"unexpected error ({type(exc).__name__}: {str(exc)[:200]})"
+            return outcome
+
+    def _process(self, patient_id: str, outcome: PatientOutcome) -> PatientOutcome:
         attempts = max(1, self.client.settings.write_attempts) if self.write_back else 1
+        # The identifier an earlier attempt tried to write when its answer was an error: that
+        # write may have been applied (a transaction is atomic: all of it or nothing); `lost`:
+        # no whole answer came back at all (a status, even an error, is an answer).
+        tried: str | None = None
+        lost = False
         for attempt in range(1, attempts + 1):
             outcome.attempts = attempt
             before = self.client.stats.requests
@@ -211,6 +241,7 @@ class Runner:
                 outcome.status = "assessed"
                 return outcome
             before = self.client.stats.requests
+            plan = None
             try:
                 plan = plan_write(
                     result.assessment,
@@ -226,6 +257,10 @@ class Runner:
             except RETRYABLE_WRITE as exc:
                 outcome.write_requests += self.client.stats.requests - before
                 outcome.reason = f"write-back: {exc}"
+                if plan is not None and plan.action != "unchanged":
+                    tried, lost = plan.identifier, isinstance(exc, TransportError)
+                if isinstance(exc, TransportError):
+                    outcome.reason += "; it may have been applied: a rerun will find it and write nothing twice"
                 if attempt < attempts:
                     self._pause_before_retry(exc, attempt)
                     continue
@@ -236,8 +271,16 @@ class Runner:
                 outcome.reason = f"write-back: {exc}"
                 return outcome
             outcome.write_requests += written.requests
-            outcome.status = "unchanged" if plan.action == "unchanged" else "written"
             outcome.reason = ""
+            if plan.action != "unchanged":
+                outcome.status = "written"
+            elif tried == plan.identifier:
+                # The server holds exactly what the failed attempt sent, and did not before it:
+                # that attempt was applied, only its answer was lost (or refused after the fact).
+                outcome.status = "written"
+                outcome.note = "confirmed after a lost response" if lost else "confirmed after a failed answer"
+            else:
+                outcome.status = "unchanged"
             return outcome
         return outcome
 

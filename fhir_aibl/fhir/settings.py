@@ -29,7 +29,9 @@ class RetrySettings:
     #: with long Retry-After values; DESIGN.md, known traps).
     retry_after_ceiling: float = 120.0
     #: Statuses that mean "not now" rather than "no": too many requests, bad gateway, unavailable,
-    #: gateway timeout. 500 is not among them: it usually means the request itself breaks the server.
+    #: gateway timeout. 500 is not among them: it usually means the request itself breaks the server
+    #: (`GET metadata`, which has no parameters, retries it too: client.FhirClient.capabilities).
+    #: Transport failures (no connection, timeouts, answers cut off or unusable) are always retried.
     statuses: frozenset[int] = frozenset({429, 502, 503, 504})
 
 

@@ -145,6 +145,8 @@ class FakeFhir:
     headers: list[dict] = field(default_factory=list)
     transactions: list[dict] = field(default_factory=list)
     base: str = BASE
+    #: keep what transactions write, so that a later pull finds it (as a real server would)
+    store_writes: bool = False
 
     # -- wiring ------------------------------------------------------------------------------
     def install(self, rsps: responses.RequestsMock) -> FakeFhir:
@@ -182,6 +184,8 @@ class FakeFhir:
                 if not self.transaction:
                     return 405, outcome("transaction is not supported", "not-supported")
                 self.transactions.append(body)
+                if self.store_writes:
+                    self._store(body)
                 return 200, {
                     "resourceType": "Bundle",
                     "type": "transaction-response",
@@ -204,6 +208,15 @@ class FakeFhir:
             if len(segs) == 1:
                 return self.search(segs[0], params)
         return 400, outcome(f"unsupported {method} {path}", "not-supported")
+
+    def _store(self, transaction: dict) -> None:
+        for i, e in enumerate(transaction["entry"]):
+            resource = {**e["resource"], "id": e["resource"].get("id") or f"w{len(self.resources)}-{i}"}
+            key = (resource["resourceType"], resource["id"])
+            old = [r for r in self.resources if (r["resourceType"], r["id"]) == key]
+            version = int(old[0]["meta"]["versionId"]) + 1 if old else 1
+            resource["meta"] = {"versionId": str(version)}
+            self.resources = [r for r in self.resources if (r["resourceType"], r["id"]) != key] + [resource]
 
     def _entry(self, request: dict) -> dict:
         parts = urlsplit(request["url"])

@@ -52,12 +52,14 @@ def test_defaults_are_the_documented_ones():
         args.timeout,
         args.connect_timeout,
         args.attempts,
+        args.backoff,
         args.retry_after_max,
         args.max_pages,
         args.progress,
         args.write_back,
         args.debug_phi,
-    ) == ("table", "generic", 60.0, 10.0, 5, 120.0, 50, "auto", False, False)
+    ) == ("table", "generic", 60.0, 10.0, 5, 0.5, 120.0, 50, "auto", False, False)
+    assert command._settings(parse("--fhir-base", BASE, "--all", "--backoff", "0.05")).retry.backoff_base == 0.05
 
 
 def test_a_population_run_prints_the_assess_contract_and_a_summary():
@@ -201,7 +203,10 @@ def test_credentials_refused_mid_run_stop_the_run_but_keep_what_was_done():
 
     fake.handle = handle
     result = run_fake(fake, "--patient", "p1", "p2", "p3", "--format", "json", environ={"FHIR_AIBL_TOKEN": "t"})
-    assert result.code == 1
+    assert result.code == 2  # the run itself failed, though what was done is reported
+    assert "fatal: the run stopped before every patient was attempted: the server refused the credentials" in (
+        result.stderr
+    )
     assert [d["patient"] for d in result.json()] == ["Patient/p1"]
     assert "failed: Patient/p2: credentials refused: " in result.stderr and "token revoked" in result.stderr
     assert "failed: Patient/p3: not attempted: the server refused the credentials" in result.stderr
@@ -218,7 +223,7 @@ def test_a_server_that_goes_away_stops_the_run_after_a_few_patients():
     )
     pids = [f"p{i}" for i in range(1, 8)]
     result = run_fake(fake, "--patient", *pids, "--attempts", "1")
-    assert result.code == 1
+    assert result.code == 2
     assert result.stderr.count("down for maintenance") == 3
     assert result.stderr.count("not attempted: the server was unreachable or unavailable for 3 patients in a row") == 4
     assert "patients found 7, assessed 0, written 0, unchanged 0, failed 7" in result.stderr
