@@ -91,6 +91,21 @@ def _detail(rulebook: Rulebook, rule_ids: list[str], fields: Mapping[str, Any] |
     return " ".join(texts) if texts else None
 
 
+def _value_and_date(fact: Mapping[str, Any]) -> dict[str, Any]:
+    """The number and the date a flag or a risk tool is about, where its fact carries them."""
+    out: dict[str, Any] = {}
+    value = fact.get("value")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        out["value"] = float(value)
+    when = fact.get("date")
+    if isinstance(when, str):
+        try:
+            out["date"] = dt.date.fromisoformat(when)
+        except ValueError:
+            pass
+    return out
+
+
 def build_assessment(
     patient_ref: str, as_of: dt.date, derivation: Derivation, rulebook: Rulebook, info: RulesetInfo
 ) -> Assessment:
@@ -110,6 +125,8 @@ def build_assessment(
                 extra["detail"] = f"{derived.fact.get('resource')} ignored: {derived.fact.get('reason')}"
             else:
                 extra["detail"] = _detail(rulebook, rules, derived.fact)
+            if spec["kind"] in ("flag", "risk-tool"):
+                extra.update(_value_and_date(derived.fact))
             findings.append(
                 Finding(
                     kind=spec["kind"],
