@@ -290,7 +290,10 @@ class _Extractor:
             self.problems.append(f"{ref}: {name} score with unit {unit!r}; not used")
             return
         key = ("risk_score", name)
-        fields = {"tool": name, "value": round(value, 1), "date": when.isoformat(), "age_months": age_months}
+        fields = {
+            "tool": name, "label": str(tool.get("label", name)), "value": round(value, 1), "unit": expected,
+            "date": when.isoformat(), "age_months": age_months,
+        }
         self._latest[key] = max(self._latest.get(key, (dt.date.min, None, None)), (when, ref, fields), key=_when_key)
 
     def _number(self, holder: Mapping[str, Any], ref: str) -> tuple[float, str] | None:

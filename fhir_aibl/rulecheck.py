@@ -113,13 +113,13 @@ VARIANTS = {
     "dmab-overdue": [("antiresorptive", {"ingredient": "denosumab", "class": "denosumab", "route": "sc", "status": "administered", "ended": False, "months_since": 9.0})],
     "za-recent-infusion": [("antiresorptive", {"ingredient": "zoledronic acid", "class": "bisphosphonate", "route": "iv", "status": "administered", "ended": False, "months_since": 5.0})],
     "frax-above-asco": [
-        ("risk_score", {"tool": "frax-mof", "value": 22.0, "date": "2026-01-10", "age_months": 4.7}),
-        ("risk_score", {"tool": "frax-hip", "value": 3.5, "date": "2026-01-10", "age_months": 4.7}),
+        ("risk_score", {"tool": "frax-mof", "label": "FRAX MOF", "unit": "%", "value": 22.0, "date": "2026-01-10", "age_months": 4.7}),
+        ("risk_score", {"tool": "frax-hip", "label": "FRAX hip", "unit": "%", "value": 3.5, "date": "2026-01-10", "age_months": 4.7}),
     ],
     "screening-scores": [
-        ("risk_score", {"tool": "ost", "value": -1.0, "date": "2026-01-10", "age_months": 4.7}),
-        ("risk_score", {"tool": "orai", "value": 9.0, "date": "2026-01-10", "age_months": 4.7}),
-        ("risk_score", {"tool": "osiris", "value": 0.0, "date": "2026-01-10", "age_months": 4.7}),
+        ("risk_score", {"tool": "ost", "label": "OST score", "unit": "", "value": -1.0, "date": "2026-01-10", "age_months": 4.7}),
+        ("risk_score", {"tool": "orai", "label": "ORAI score", "unit": "", "value": 9.0, "date": "2026-01-10", "age_months": 4.7}),
+        ("risk_score", {"tool": "osiris", "label": "OSIRIS score", "unit": "", "value": 0.0, "date": "2026-01-10", "age_months": 4.7}),
     ],
     "dxa-done-and-declined": [
         ("dxa_record", {"state": "done", "source": "report", "date": "2026-02-01", "age_months": 4.0}),
