@@ -266,6 +266,16 @@ def test_the_latest_of_several_dxa_records_is_the_one_named(assessor):
     assert flag(a, "dxa-result-unavailable").date == dt.date(2026, 1, 15)
 
 
+def test_one_scan_recorded_as_procedure_report_and_completed_order_is_one_dxa_on_record(assessor):
+    same_day = [procedure("pr-a"), dxa_report("dr-a", when="2026-03-10"), service_request("sr-a", status="completed", authored="2026-03-10")]
+    a = assess(assessor, *same_day, service_request("sr-next")).assessment
+    assert a.recommendations.count("dxa-obtain-result") == 1 and "dxa-now" not in a.recommendations
+    done = flag(a, "dxa-result-unavailable")
+    assert done.date == dt.date(2026, 3, 10)
+    assert {"Procedure/pr-a", "DiagnosticReport/dr-a", "ServiceRequest/sr-a"} <= set(done.evidence)
+    assert flag(a, "dxa-ordered").date == dt.date(2026, 4, 15)
+
+
 def test_only_a_dxa_procedure_or_order_is_read(assessor):
     term = assessor.terminology
     other = {**procedure("colonoscopy"), "code": {"coding": [{"system": SNOMED, "code": "73761001"}]}}
