@@ -276,6 +276,21 @@ def test_one_scan_recorded_as_procedure_report_and_completed_order_is_one_dxa_on
     assert flag(a, "dxa-ordered").date == dt.date(2026, 4, 15)
 
 
+def test_a_dxa_result_that_cannot_be_read_is_a_dxa_without_a_result(assessor):
+    # public test data sends g/cm2 under the femur T-score code: not a T-score, but a scan was done
+    wrong_unit = observation("o-gcm2", "38263-0", valueQuantity={"value": 0.82, "unit": "g/cm2"})
+    result = assess(assessor, wrong_unit)
+    assert "dxa-obtain-result" in result.assessment.recommendations and "dxa-result-unavailable" in result.assessment.flags
+    assert any("o-gcm2" in p and "unit" in p for p in result.facts.problems)
+
+
+def test_a_result_at_a_site_the_rules_do_not_use_still_asks_for_a_central_dxa(assessor):
+    heel = observation("o-calc", "38266-3", valueQuantity={"value": -2.6, "unit": "{T-score}"})
+    a = assess(assessor, heel).assessment
+    assert "dxa-now" in a.recommendations and "dxa-obtain-result" not in a.recommendations
+    assert "dxa-result-unavailable" not in a.flags
+
+
 def test_only_a_dxa_procedure_or_order_is_read(assessor):
     term = assessor.terminology
     other = {**procedure("colonoscopy"), "code": {"coding": [{"system": SNOMED, "code": "73761001"}]}}
