@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,9 +67,43 @@ def _in_stage_order(rulebook: Rulebook, rule_ids: list[str]) -> list[str]:
     return sorted(rule_ids, key=lambda r: (rulebook.rule(r).stage, r))
 
 
-def _detail(rulebook: Rulebook, rule_ids: list[str]) -> str | None:
+_FIELD = re.compile(r"\{([a-z_]+)\}")
+
+
+def _filled(text: str, fields: Mapping[str, Any]) -> str:
+    """A rule's clinician text with `{field}` replaced by that field of the fact the rule asserted (a date, a value)."""
+
+    def value(match: re.Match) -> str:
+        found = fields.get(match.group(1))
+        if found is None:
+            return match.group(0)
+        if isinstance(found, float) and found.is_integer():
+            return str(int(found))
+        return str(found)
+
+    return _FIELD.sub(value, text)
+
+
+def _detail(rulebook: Rulebook, rule_ids: list[str], fields: Mapping[str, Any] | None = None) -> str | None:
     texts = [rulebook.rule(r).detail for r in rule_ids if rulebook.rule(r).detail]
+    if fields:
+        texts = [_filled(t, fields) for t in texts]
     return " ".join(texts) if texts else None
+
+
+def _value_and_date(fact: Mapping[str, Any]) -> dict[str, Any]:
+    """The number and the date a flag or a risk tool is about, where its fact carries them."""
+    out: dict[str, Any] = {}
+    value = fact.get("value")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        out["value"] = float(value)
+    when = fact.get("date")
+    if isinstance(when, str):
+        try:
+            out["date"] = dt.date.fromisoformat(when)
+        except ValueError:
+            pass
+    return out
 
 
 def build_assessment(
@@ -89,7 +124,9 @@ def build_assessment(
             if name == "audit":
                 extra["detail"] = f"{derived.fact.get('resource')} ignored: {derived.fact.get('reason')}"
             else:
-                extra["detail"] = _detail(rulebook, rules)
+                extra["detail"] = _detail(rulebook, rules, derived.fact)
+            if spec["kind"] in ("flag", "risk-tool"):
+                extra.update(_value_and_date(derived.fact))
             findings.append(
                 Finding(
                     kind=spec["kind"],

@@ -58,11 +58,13 @@ class RulesetInfo(_Frozen):
 class Finding(_Frozen):
     """One output item and why it is there."""
 
-    kind: str = Field(description="ai-status, category, risk-factor, recommendation, flag, selected-t, indication, audit")
+    kind: str = Field(description="ai-status, category, risk-factor, recommendation, flag, risk-tool, selected-t, indication, audit")
     code: str
     rules: tuple[str, ...] = Field(description="ids of the rules that asserted it")
     evidence: tuple[str, ...] = Field(description="FHIR references, with _history/<version> where known")
     detail: str | None = Field(default=None, description="a sentence for a clinician, where the rule file gives one")
+    value: float | None = Field(default=None, description="flags and risk tools: the number the item is about (a FRAX probability in percent, a score)")
+    date: dt.date | None = Field(default=None, description="flags and risk tools: the date the item is about (the DXA on record, the risk tool's result)")
 
 
 class SelectedT(_Frozen):

@@ -290,8 +290,47 @@ def _joined(items: Iterable[str], empty: str = "none") -> str:
     return ", ".join(items) if items else empty
 
 
-def _flag_note(code: str, entry: FlagEntry) -> Annotation:
-    return Annotation(text=f"Flag {code} ({entry.severity}): {entry.title}. {entry.text}")
+def _flag_note(code: str, entry: FlagEntry, assessment: Assessment | None = None) -> Annotation:
+    text = f"Flag {code} ({entry.severity}): {entry.title}. {entry.text}"
+    if assessment is not None:
+        # What the rule says of this patient, where it names a date or a value (the DXA on record, a FRAX result).
+        specifics = [f.detail for f in assessment.findings_of("flag") if f.code == code and f.detail and (f.date or f.value is not None)]
+        if specifics:
+            text += " " + " ".join(dict.fromkeys(specifics))
+    return Annotation(text=text)
+
+
+#: Recorded FRAX probabilities, as RiskAssessment predictions (the tool's own outcome).
+_FRAX_OUTCOMES = {
+    "frax-mof": "Major osteoporotic fracture within 10 years (FRAX, as recorded)",
+    "frax-hip": "Hip fracture within 10 years (FRAX, as recorded)",
+}
+
+
+def _risk_tool_notes(assessment: Assessment) -> list[Annotation]:
+    """Every recorded risk tool in plain words, with its value and date (shown, never a category)."""
+    return [Annotation(text=f.detail) for f in assessment.findings_of("risk-tool") if f.detail]
+
+
+def _frax_predictions(assessment: Assessment) -> list[RiskAssessmentPrediction]:
+    out = []
+    for finding in assessment.findings_of("risk-tool"):
+        outcome = _FRAX_OUTCOMES.get(finding.code)
+        if outcome is None or finding.value is None:
+            continue
+        when = f" on {finding.date.isoformat()}" if finding.date else ""
+        out.append(
+            RiskAssessmentPrediction(
+                outcome=CodeableConcept(text=outcome),
+                probabilityDecimal=round(finding.value / 100.0, 4),
+                whenRange={"high": {"value": 10, "unit": "years", "system": "http://unitsofmeasure.org", "code": "a"}},
+                rationale=(
+                    f"FRAX {finding.value:g}% recorded{when}; shown for information. It does not set the "
+                    "AIBL risk category: FRAX does not capture the bone loss an aromatase inhibitor causes."
+                ),
+            )
+        )
+    return out
 
 
 def _rationale_rules(assessment: Assessment) -> list[str]:
@@ -345,10 +384,12 @@ def _risk_assessment(assessment: Assessment, catalogue: Catalogue, identifier: I
                     text=CATEGORY_DISPLAY[assessment.category],
                 ),
                 rationale=rationale,
-            )
+            ),
+            *_frax_predictions(assessment),
         ],
         mitigation=mitigation,
-        note=[_flag_note(f, catalogue.flags[f]) for f in assessment.flags] or None,
+        note=[_flag_note(f, catalogue.flags[f], assessment) for f in assessment.flags] + _risk_tool_notes(assessment)
+        or None,
     )
 
 
@@ -440,7 +481,8 @@ def _care_plan(
                 + "."
             )
         ),
-        *(_flag_note(f, catalogue.flags[f]) for f in assessment.flags),
+        *(_flag_note(f, catalogue.flags[f], assessment) for f in assessment.flags),
+        *_risk_tool_notes(assessment),
     ]
     activities = [_activity(assessment, c, catalogue.recommendations[c]) for c in assessment.recommendations]
     return CarePlan(

@@ -11,7 +11,10 @@ This module reads and normalises; the rules decide. It
 - measures time against `as_of`: ages in whole years, data age in calendar months,
   data recorded after `as_of` is not yet known and is left out;
 - selects the latest measurement where the rules want one value (BMI, smoking status,
-  each laboratory concept), and keeps every DXA result (rule B1 selects among them);
+  each laboratory concept, each risk tool), and keeps every DXA result (rule B1 selects among them);
+- records a DXA that exists without a usable result (a DiagnosticReport, a Procedure, an
+  Observation without a value, a ServiceRequest ordered, not to be done or refused) as a
+  `dxa_record`: never a valid DXA, it changes the advice (rules DXA-*);
 - pairs BMD results at the same site on the same device for rule L1.
 
 Every fact carries `refs`: the FHIR references (with `_history/<version>` where the
@@ -182,7 +185,8 @@ class _Extractor:
 
     def observation(self, res: Mapping[str, Any], dxa_rows: list[dict]) -> None:
         recognised = observation_parts(res, self.term)
-        if not recognised:
+        study = dxa_record_code(res.get("code"), self.term)
+        if not recognised and not study:
             return
         status = res.get("status")
         keep = self.statuses["observation"]["keep"]
@@ -200,11 +204,13 @@ class _Extractor:
         if when is not None and when > self.as_of:
             return  # recorded after the reference date: not known as of then
         age_months = months_between(when, self.as_of) if when is not None else None
+        dxa_seen, dxa_before = study, len(self.facts)
         for code, holder in recognised:
             dxa = self.term.first("dxa", code)
             if dxa is not None and not dxa.get("measure"):
                 continue  # a DXA study or panel code: its results are in the components
             if dxa is not None:
+                dxa_seen = True
                 # An undated DXA is still read (the FHIR R4 example Observation-bmd has no
                 # date), without `age_months`: it can never be valid for B1, only shown.
                 if when is None:
@@ -214,6 +220,10 @@ class _Extractor:
             if when is None:
                 self.problems.append(f"{ref}: no effective date; not used")
                 continue
+            tool = self.term.first("risk-tools", code)
+            if tool is not None:
+                self._risk_score(tool, holder, when, age_months, ref)
+                continue
             obs = self.term.first("observations", code)
             if obs is not None:
                 self._measurement(obs.get("concept"), holder, when, age_months, ref)
@@ -221,6 +231,70 @@ class _Extractor:
             finding = self.term.first("conditions", code) or self.term.first("conditions", holder.get("valueCodeableConcept"))
             if finding is not None and finding.get("concept") == "family-hip-fracture":
                 self.add("condition", [ref], concept="family-hip-fracture", active=True)
+        if dxa_seen and not any(f["t"] == "dxa" for f in self.facts[dxa_before:]):
+            # A DXA Observation with no usable value (none, a dataAbsentReason, only a study
+            # code): the scan exists, its result is not readable here.
+            self.dxa_record(res, "done", "observation", when)
+
+    # -- a DXA without a usable result, and the risk tools -----------------------------------
+    def dxa_record(self, res: Mapping[str, Any], state: str, source: str, when: dt.date | None) -> None:
+        """A DXA done, ordered or declined whose result is not on record: never a valid DXA."""
+        ref = reference_of(res)
+        fields: dict[str, Any] = {"state": state, "source": source}
+        if when is not None:
+            fields["date"] = when.isoformat()
+            fields["age_months"] = months_between(when, self.as_of)
+        else:
+            self.problems.append(f"{ref}: DXA {source} without a date; cannot be shown to be recent")
+        self.add("dxa_record", [ref], **fields)
+
+    def dxa_event(self, res: Mapping[str, Any]) -> None:
+        """A DiagnosticReport, Procedure or ServiceRequest for a DXA (status mapping: statuses.yaml)."""
+        if not dxa_record_code(res.get("code"), self.term):
+            return
+        rtype = res.get("resourceType")
+        spec = self.statuses["dxa_record"][rtype]
+        status = res.get("status")
+        state = spec["status"].get(status, "exclude")
+        if rtype == "ServiceRequest":
+            if res.get("doNotPerform") is True and state != "exclude":
+                state = "declined"
+            elif res.get("intent") not in spec["order_intents"] and state == "ordered":
+                self.exclude(res, f"intent {res.get('intent')}: not an order")
+                return
+        if state == "exclude":
+            self.exclude(res, f"status {status}")
+            return
+        when = parse_date(_event_date(res))
+        if when is not None and when > self.as_of:
+            return  # recorded after the reference date: not known as of then
+        self.dxa_record(res, state, _DXA_SOURCE[rtype], when)
+
+    def _risk_score(self, tool, holder, when: dt.date, age_months: float, ref: str) -> None:
+        if tool.get("panel") and not any(k in holder for k in ("valueQuantity", "valueInteger", "valueDecimal")):
+            return  # a panel without its own value: its recognised components carry the result
+        number = self._number(holder, ref)
+        if number is None:
+            return
+        value, unit = number
+        expected = str(tool.get("unit", ""))
+        name = tool.get("tool")
+        if expected == "%":
+            if unit not in ("%", ""):
+                self.problems.append(f"{ref}: {name} probability with unit {unit!r} (not %); not used")
+                return
+            if not 0.0 <= value <= 100.0:
+                self.problems.append(f"{ref}: implausible {name} probability {value}%; not used")
+                return
+        elif unit not in SCORE_UNITS:
+            self.problems.append(f"{ref}: {name} score with unit {unit!r}; not used")
+            return
+        key = ("risk_score", name)
+        fields = {
+            "tool": name, "label": str(tool.get("label", name)), "value": round(value, 1), "unit": expected,
+            "date": when.isoformat(), "age_months": age_months,
+        }
+        self._latest[key] = max(self._latest.get(key, (dt.date.min, None, None)), (when, ref, fields), key=_when_key)
 
     def _number(self, holder: Mapping[str, Any], ref: str) -> tuple[float, str] | None:
         q = holder.get("valueQuantity")
@@ -580,14 +654,45 @@ MEDICATION_CLASSES = frozenset(
 )
 
 
-_OBSERVATION_VALUESETS = ("dxa", "observations", "conditions")
+_OBSERVATION_VALUESETS = ("dxa", "observations", "conditions", "risk-tools")
 
 
 def _observation_code_read(code: Any, term: Terminology) -> bool:
-    dxa, observation, condition = term.firsts(_OBSERVATION_VALUESETS, code)
+    dxa, observation, condition, tool = term.firsts(_OBSERVATION_VALUESETS, code)
     if dxa is not None:
         return bool(dxa.get("measure"))  # a DXA study or panel code: its results are in the components
-    return bool(observation or condition)
+    return bool(observation or condition or tool)
+
+
+#: Where a DXA can be on record without a result, besides an Observation.
+_DXA_EVENT_TYPES = frozenset({"DiagnosticReport", "Procedure", "ServiceRequest"})
+_DXA_SOURCE = {"DiagnosticReport": "report", "Procedure": "procedure", "ServiceRequest": "order", "Observation": "observation"}
+
+
+def dxa_record_code(code: Any, term: Terminology) -> bool:
+    """True if a code names a DXA: any code of the `dxa` value set, or a DXA procedure code."""
+    dxa, procedure = term.firsts(("dxa", "dxa-procedures"), code)
+    return dxa is not None or procedure is not None
+
+
+def _event_date(res: Mapping[str, Any]) -> Any:
+    """When a DXA report, procedure or order happened: the scan's date, else when it was recorded."""
+    rtype = res.get("resourceType")
+    if rtype == "DiagnosticReport":
+        period = res.get("effectivePeriod") or {}
+        return res.get("effectiveDateTime") or period.get("end") or period.get("start") or res.get("issued")
+    if rtype == "Procedure":
+        period = res.get("performedPeriod") or {}
+        found = res.get("performedDateTime") or period.get("end") or period.get("start")
+        if found:
+            return found
+        # A procedure not done has no performed date; QI-Core records when in an extension.
+        for ext in res.get("extension") or []:
+            if isinstance(ext, dict) and str(ext.get("url", "")).endswith("recorded"):
+                return ext.get("valueDateTime")
+        return None
+    period = res.get("occurrencePeriod") or {}
+    return res.get("authoredOn") or res.get("occurrenceDateTime") or period.get("start")
 
 
 def observation_parts(res: Mapping[str, Any], term: Terminology) -> list[tuple[Any, Mapping[str, Any]]]:
@@ -645,7 +750,9 @@ def reads_resource(res: Mapping[str, Any], term: Terminology) -> bool:
     """
     rtype = res.get("resourceType")
     if rtype == "Observation":
-        return bool(observation_parts(res, term))
+        return bool(observation_parts(res, term)) or dxa_record_code(res.get("code"), term)
+    if rtype in _DXA_EVENT_TYPES:
+        return dxa_record_code(res.get("code"), term)
     if rtype == "Condition":
         return bool(condition_concepts(res, term))
     if rtype in _MEDICATION_TYPES:
@@ -751,6 +858,8 @@ def extract_facts(patient_ref: str, resources: Iterable[Mapping[str, Any]], as_o
             ex.family_history(res)
         elif rtype in _MEDICATION_TYPES:
             ex.medication(res, steroid_spans)
+        elif rtype in _DXA_EVENT_TYPES:
+            ex.dxa_event(res)
     ex.flush_latest()
     ex.derived_measurements([f["refs"][0] for f in ex.facts if f["t"] == "patient"])
     ex.bmd_changes(dxa_rows)

@@ -48,6 +48,10 @@ DXA_STATUS = {
     "stale": lambda t: [("dxa", {"measure": "T", "site": "TH", "value": t, "age_months": 30.0})],
     "bmd-only": lambda t: [("dxa", {"measure": "BMD", "site": "LS", "value": 0.9, "age_months": 3.0})],
     "undated": lambda t: [("dxa", {"measure": "T", "site": "FN", "value": t})],
+    # a DXA on record without a usable result: done, ordered and not resulted, declined
+    "done-no-result": lambda t: [("dxa_record", {"state": "done", "source": "procedure", "date": "2026-03-01", "age_months": 3.0})],
+    "ordered": lambda t: [("dxa_record", {"state": "ordered", "source": "order", "date": "2026-04-01", "age_months": 2.0})],
+    "declined": lambda t: [("dxa_record", {"state": "declined", "source": "order", "date": "2026-04-01", "age_months": 2.0})],
     "none": lambda t: [],
 }
 RISK_FACTORS = [
@@ -108,6 +112,19 @@ VARIANTS = {
     "dmab-recent-dose": [("antiresorptive", {"ingredient": "denosumab", "class": "denosumab", "route": "sc", "status": "administered", "ended": False, "months_since": 3.0})],
     "dmab-overdue": [("antiresorptive", {"ingredient": "denosumab", "class": "denosumab", "route": "sc", "status": "administered", "ended": False, "months_since": 9.0})],
     "za-recent-infusion": [("antiresorptive", {"ingredient": "zoledronic acid", "class": "bisphosphonate", "route": "iv", "status": "administered", "ended": False, "months_since": 5.0})],
+    "frax-above-asco": [
+        ("risk_score", {"tool": "frax-mof", "label": "FRAX MOF", "unit": "%", "value": 22.0, "date": "2026-01-10", "age_months": 4.7}),
+        ("risk_score", {"tool": "frax-hip", "label": "FRAX hip", "unit": "%", "value": 3.5, "date": "2026-01-10", "age_months": 4.7}),
+    ],
+    "screening-scores": [
+        ("risk_score", {"tool": "ost", "label": "OST score", "unit": "", "value": -1.0, "date": "2026-01-10", "age_months": 4.7}),
+        ("risk_score", {"tool": "orai", "label": "ORAI score", "unit": "", "value": 9.0, "date": "2026-01-10", "age_months": 4.7}),
+        ("risk_score", {"tool": "osiris", "label": "OSIRIS score", "unit": "", "value": 0.0, "date": "2026-01-10", "age_months": 4.7}),
+    ],
+    "dxa-done-and-declined": [
+        ("dxa_record", {"state": "done", "source": "report", "date": "2026-02-01", "age_months": 4.0}),
+        ("dxa_record", {"state": "declined", "source": "procedure", "date": "2025-06-01", "age_months": 12.0}),
+    ],
     "oral-bp-rapid-loss": [
         ("antiresorptive", {"ingredient": "alendronate", "class": "bisphosphonate", "route": "oral", "status": "active", "ended": False}),
         ("bmd_change", {"site": "LS", "days": 365, "pct_per_year": -6.0, "abs_change": -0.06, "latest_age_months": 3.0}),

@@ -164,6 +164,10 @@ RELEVANT_TYPES = frozenset(
         "MedicationAdministration",
         "Condition",
         "FamilyMemberHistory",
+        # a DXA done, ordered or declined without a result on record (facts `dxa_record`)
+        "DiagnosticReport",
+        "Procedure",
+        "ServiceRequest",
     }
 )
 

@@ -137,7 +137,7 @@ class CdsService:
                 ),
                 usage=(
                     "Needs the prefetch keys listed (Patient, Observations by code, Conditions, medications, "
-                    "family history), or fhirServer with fhirAuthorization on this service's allowlist so it can "
+                    "family history, DXA reports, procedures and orders by code), or fhirServer with fhirAuthorization on this service's allowlist so it can "
                     "query what is missing. Requests must carry a JWT from a configured issuer."
                 ),
             ),

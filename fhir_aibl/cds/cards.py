@@ -87,7 +87,7 @@ RISK_FACTOR_TEXT = {
 SITE_TEXT = {"LS": "lumbar spine", "TH": "total hip", "FN": "femoral neck", "FA": "forearm", "forearm": "forearm"}
 #: Which recommendation the one-line summary names first: the most consequential action.
 SUMMARY_PRIORITY = (
-    "potent-ar", "switch-iv", "za-4mg-q6m", "oral-bp", "dmab-transition", "dxa-now", "specialist",
+    "potent-ar", "switch-iv", "za-4mg-q6m", "oral-bp", "dmab-transition", "dxa-now", "dxa-obtain-result", "specialist",
     "dental-review", "secondary-causes", "dxa-12m", "dxa-12-24m", "dxa-24m",
 )
 _DOI = re.compile(r"doi:\s*(10\.\d{4,9}/[^\s;,]+[^\s;,.])", re.IGNORECASE)
@@ -301,7 +301,19 @@ class CardBuilder:
             for code in a.flags:
                 entry = self.catalogue.flags.get(code)
                 title, text, severity = (entry.title, entry.text, entry.severity) if entry else (code, "", "info")
+                # what the rule says of this patient where it names a date or a value (the DXA on record, a FRAX result)
+                specifics = " ".join(
+                    dict.fromkeys(
+                        f.detail for f in a.findings_of("flag") if f.code == code and f.detail and (f.date or f.value is not None)
+                    )
+                )
+                text = f"{text} {specifics}" if specifics else text
                 lines.append(f"- **{title}** (`{code}`, {severity}). {text} {_why(a.finding('flag', code), cat_rules)}")
+            lines.append("")
+        tools = [f.detail for f in a.findings_of("risk-tool") if f.detail]
+        if tools:
+            lines.append("**Risk tools on record:**")
+            lines += [f"- {detail}" for detail in tools]
             lines.append("")
         if blocks:
             lines.append("**Safety blocks (these drugs are not suggested):**")
@@ -346,7 +358,8 @@ class CardBuilder:
         order = ("dxa-now", "dxa-12m", "dxa-12-24m", "dxa-24m")
         code = next((c for c in order if c in a.recommendations), None)
         if code is None:
-            code = next((c for c in sorted(a.recommendations) if c.startswith("dxa-")), None)
+            # not dxa-obtain-result: a DXA is already done or ordered, its report is obtained, not a new scan ordered
+            code = next((c for c in sorted(a.recommendations) if c.startswith("dxa-") and c != "dxa-obtain-result"), None)
         if code is None:
             return None
         entry = self.catalogue.recommendations[code]

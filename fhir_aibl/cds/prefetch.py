@@ -1,6 +1,6 @@
 """Prefetch: the templates this service asks EHRs to fill, and the patient's resources from what they sent.
 
-The templates (`default_templates`) fetch everything the rules read in seven queries, one per
+The templates (`default_templates`) fetch everything the rules read in ten queries, one per
 resource type, each bound to `{{context.patientId}}`:
 
 - `Patient/{{context.patientId}}`: age and sex;
@@ -9,6 +9,8 @@ resource type, each bound to `{{context.patientId}}`:
   patient's thousands of unrelated observations. Code-filtered rather than category-filtered,
   because real DXA and smoking observations often carry no category (and Epic, which demands a
   category, can be given category templates through the `prefetch` setting);
+- `DiagnosticReport`, `Procedure` and `ServiceRequest` by patient and DXA code (the `dxa` and
+  `dxa-procedures` value sets): a DXA done, ordered or declined whose result is not on record;
 - Condition, MedicationStatement, MedicationRequest, MedicationAdministration and
   FamilyMemberHistory by patient, unfiltered: their codes include prefix families (ICD-10 C50.x)
   and product-level drug codes that a token search cannot express.
@@ -54,7 +56,9 @@ _PATIENT_ELEMENTS = ("subject", "patient")
 #: Observation codes come from these value sets (every code the facts stage recognises on an
 #: Observation: DXA measures and panels, labs and vitals, and finding codes such as a parental
 #: hip fracture recorded as an Observation).
-_OBSERVATION_VALUESETS = ("dxa", "observations", "conditions")
+_OBSERVATION_VALUESETS = ("dxa", "observations", "conditions", "risk-tools")
+#: DiagnosticReport, Procedure and ServiceRequest codes: a DXA study, result or procedure code.
+_DXA_EVENT_VALUESETS = ("dxa", "dxa-procedures")
 
 #: The built-in prefetch keys and the resource type each asks for, one query per type.
 KEY_TYPES = {
@@ -65,6 +69,9 @@ KEY_TYPES = {
     "medication-requests": "MedicationRequest",
     "medication-administrations": "MedicationAdministration",
     "family-history": "FamilyMemberHistory",
+    "dxa-reports": "DiagnosticReport",
+    "dxa-procedures": "Procedure",
+    "dxa-orders": "ServiceRequest",
 }
 
 
@@ -76,12 +83,15 @@ def default_templates(terminology: Terminology) -> dict[str, str]:
             if system != "http://hl7.org/fhir/sid/icd-10-cm":  # ICD-10 codes a Condition, never an Observation
                 codes.append(code)
     codes = sorted(set(codes))
+    dxa_codes = sorted({code for vs_id in _DXA_EVENT_VALUESETS for _system, code in terminology.valueset(vs_id).exact})
     templates = {}
     for key, rtype in KEY_TYPES.items():
         if rtype == "Patient":
             templates[key] = f"Patient/{PATIENT_TOKEN}"
         elif rtype == "Observation":
             templates[key] = f"Observation?patient={PATIENT_TOKEN}&code={','.join(codes)}"
+        elif rtype in ("DiagnosticReport", "Procedure", "ServiceRequest"):
+            templates[key] = f"{rtype}?patient={PATIENT_TOKEN}&code={','.join(dxa_codes)}"
         else:
             templates[key] = f"{rtype}?patient={PATIENT_TOKEN}"
     return templates

@@ -1,8 +1,9 @@
 """Pull one patient's record from a FHIR server, in as few round trips as the server allows.
 
 What is pulled: the Patient, and their Observation, MedicationStatement, MedicationRequest,
-MedicationAdministration (the rules read IV antiresorptive doses from it), Condition and
-FamilyMemberHistory, all pages of each; with write-back, also the patient's CarePlans
+MedicationAdministration (the rules read IV antiresorptive doses from it), Condition,
+FamilyMemberHistory, and DiagnosticReport, Procedure and ServiceRequest (a DXA done, ordered
+or declined whose result is not on record), all pages of each; with write-back, also the patient's CarePlans
 carrying fhir-aibl's identifier system (to find what an earlier run wrote).
 
 How, best first:
@@ -54,6 +55,9 @@ PULL_TYPES = (
     "MedicationAdministration",
     "Condition",
     "FamilyMemberHistory",
+    "DiagnosticReport",
+    "Procedure",
+    "ServiceRequest",
 )
 assert set(PULL_TYPES) == RELEVANT_TYPES - {"Patient"}, "pull and file source read different resource types"
 #: Statuses of a batch POST that mean "this server does not do batch here", not "this batch is wrong".

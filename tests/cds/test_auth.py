@@ -14,6 +14,7 @@ from joserfc.jwk import ECKey, OctKey, RSAKey
 
 from fhir_aibl.cds.auth import JwtVerifier
 from fhir_aibl.cds.errors import UnauthorizedError
+from fhir_aibl.cds.prefetch import KEY_TYPES
 from fhir_aibl.cds.samples import patient_view_request
 from fhir_aibl.cds.settings import JwtSettings
 
@@ -69,7 +70,7 @@ def test_the_sandbox_request_with_its_real_token_is_accepted(make_app):
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
         mock.get(captured["header"]["jku"], json=jwks)
         empty = {"resourceType": "Bundle", "type": "searchset", "total": 0}
-        for rtype in ("Observation", "Condition", "MedicationStatement", "MedicationRequest", "MedicationAdministration", "FamilyMemberHistory"):
+        for rtype in sorted(set(KEY_TYPES.values()) - {"Patient"}):
             mock.get(f"{body['fhirServer']}/{rtype}", json=empty)
         headers = {"Authorization": f"Bearer {captured['compact_jws']}"}
         response = harness.hook(service_id, body, headers)

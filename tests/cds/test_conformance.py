@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import responses
 
+from fhir_aibl.cds.prefetch import KEY_TYPES
 from fhir_aibl.cds.protocol import parse_feedback
 from fhir_aibl.cds.samples import draft_medication_request, order_select_request, patient_view_request
 
@@ -72,7 +73,7 @@ def check(obj: Any, elements: dict[str, dict], path: str, problems: list[str]) -
 
 def _mock_empty_server(mock: responses.RequestsMock, base: str) -> None:
     empty = {"resourceType": "Bundle", "type": "searchset", "total": 0}
-    for rtype in ("Patient", "Observation", "Condition", "MedicationStatement", "MedicationRequest", "MedicationAdministration", "FamilyMemberHistory"):
+    for rtype in sorted(set(KEY_TYPES.values())):
         mock.get(re.compile(re.escape(f"{base}/{rtype}") + r"(\?.*|/.*)?$"), json=empty)
 
 
@@ -116,7 +117,7 @@ def test_the_order_select_example_context_is_accepted(make_app):
     # The same context with an anastrozole draft order is acted on.
     drafts = context["draftOrders"]["entry"]
     drafts[1]["resource"]["medicationCodeableConcept"] = {"coding": [{"system": RXNORM, "code": "199224"}]}
-    for key in ("observations", "conditions", "medication-statements", "medication-requests", "medication-administrations", "family-history"):
+    for key in set(KEY_TYPES) - {"patient"}:
         request["prefetch"][key] = None
     cards = harness.hook(OS, request).json()["cards"]
     assert cards and "planned" in cards[0]["summary"]

@@ -39,7 +39,9 @@ def test_collect_sorts_present_null_missing_failed_and_incomplete(templates):
         "user": "123",
     }
     out = collect(prefetch, templates)
-    assert sorted(out.missing) == sorted(["conditions", "medication-requests", "medication-administrations", "family-history"])
+    assert sorted(out.missing) == sorted(
+        ["conditions", "medication-requests", "medication-administrations", "family-history", "dxa-reports", "dxa-procedures", "dxa-orders"]
+    )
     assert out.failed == ["conditions"]
     assert out.incomplete == {"medication-statements": "https://x/fhir/MedicationStatement?page=2"}
     assert {r["id"] for r, _ in out.resources} == {"p1", "c1"}

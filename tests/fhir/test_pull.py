@@ -124,7 +124,7 @@ def test_epic_gets_a_category_on_every_observation_search():
     assert all("category=" in u for u in searches)
     assert {"Observation/o-img", "Observation/o-lab"} <= set(ids(result.resources))
     assert result.strategy == "searches"  # the epic profile uses neither batch nor _revinclude
-    assert result.requests == 1 + len(PROFILES["epic"].observation_categories) + len(PULL_TYPES) - 1 == 13
+    assert result.requests == 1 + len(PROFILES["epic"].observation_categories) + len(PULL_TYPES) - 1 == 16
 
 
 def test_another_patients_resource_in_a_patient_search_fails_the_patient():
