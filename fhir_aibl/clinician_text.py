@@ -205,6 +205,16 @@ class PatientValues:
                 words.append(RISK_FACTOR_WORDS.get(rf, rf.replace("-", " ")))
         return joined(words) or None
 
+    def fracture(self) -> str | None:
+        """'fragility fracture of the hip on 3 Mar 2024', the latest one counted."""
+        found = [f for f in self._of_type("fracture") if f.get("fragility") or f.get("possible_fragility_code")]
+        if not found:
+            return None
+        dated = sorted(found, key=lambda f: self.date_of(f["refs"]) or dt.date.min)
+        f = dated[-1]
+        site = {"hip": "hip", "vertebral": "spine", "wrist": "wrist"}.get(f.get("site"), "")
+        return f"fragility fracture{' of the ' + site if site else ''}{self._on(f['refs'])}"
+
     def _lab(self, concepts: tuple[str, ...]) -> dict | None:
         found = [f for f in self._of_type("lab") if f.get("concept") in concepts]
         return min(found, key=lambda f: f.get("age_months") or 0) if found else None
@@ -268,7 +278,7 @@ class PatientValues:
         if score is None and a.category == "indeterminate":
             last = self.last_dxa()
             score = f"no valid DXA from the last two years; {last}" if last else PLACEHOLDERS["last_dxa"]
-        values = [v for v in (score, self.risk_factors()) if v]
+        values = [v for v in (score, self.fracture() if a.category == "high" else None, self.risk_factors()) if v]
         return f"**{CATEGORY_WORDS[a.category]}**, {status}" + (": " + "; ".join(values) if values else "") + "."
 
 

@@ -253,7 +253,9 @@ class CardBuilder:
     ) -> IssuedCard:
         a = ctx.assessment
         lead = next((c for c in SUMMARY_PRIORITY if c in a.recommendations), None)
-        summary = CATEGORY_WORDS[a.category] + " on an aromatase inhibitor"
+        summary = CATEGORY_WORDS[a.category] + (
+            " on an aromatase inhibitor" if a.ai_status == "active" else f", aromatase inhibitor {a.ai_status}"
+        )
         if a.selected_t:
             summary += f" ({a.selected_t[0].score}-score {a.selected_t[0].value:.1f})"
         if lead:
@@ -485,7 +487,7 @@ class CardBuilder:
             reasonCode=[CodeableConcept(text=f"{CATEGORY_WORDS[a.category]} on an aromatase inhibitor: {entry.title}")],
             note=[Annotation(text=NOTE)],
         )
-        check = " (after the checks)" if any(c in a.recommendations for c in CHECKS) else ""
+        check = " (after the contraindication check)" if any(c in a.recommendations for c in CHECKS) else ""
         return {
             "label": f"Order {product.display} {product.dosage} {product.route} {product.frequency}{check}",
             "uuid": _uuid(),

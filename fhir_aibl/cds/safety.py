@@ -136,7 +136,9 @@ def active_blocks(table: SafetyTable, assessment: Assessment) -> list[ActiveBloc
         for trigger in block.when:
             finding = assessment.finding(trigger.kind, trigger.code)
             if finding is not None:
-                out.append(ActiveBlock(block.id, block.blocks, block.reason, finding))
+                # A table block's reason is a whole sentence (no measured value): it is the limit.
+                drugs = block.blocks if block.blocks.limit else block.blocks.model_copy(update={"limit": block.reason})
+                out.append(ActiveBlock(block.id, drugs, block.blocks.reason or "", finding))
                 break
     return out
 

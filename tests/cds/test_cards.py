@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 
 import pytest
 import yaml
 from fhir.resources.R4B import get_fhir_model_class
 
+from fhir_aibl.careplan import RULE_EXTENSION, RULESET_EXTENSION
 from fhir_aibl.cds.cards import SUMMARY_MAX, _summary
 from fhir_aibl.cds.safety import DEFAULT_TABLE, load_safety_table
 from fhir_aibl.cds.samples import draft_medication_request, order_select_request, patient_view_request
@@ -58,12 +60,13 @@ def test_high_risk_card_contents(make_app):
     cards = by_kind(make_app().hook(PV, patient_view_request(bundle("V06"))).json()["cards"])
     main = cards["assessment"]
     detail = main["detail"]
-    assert "High risk" in detail and "age over 65" in detail and "smoking" in detail
-    assert "T-score used:** -1.6 at the lumbar spine" in detail
-    for rule in ("C-HIGH-2", "RF-AGE", "RF-SMOKING", "REC-HIGH-POTENT-AR"):
-        assert rule in detail
-    assert "`Observation/v06-dxa-ls/_history/1`" in detail
-    assert "aibl-1.0.0-" in detail  # the ruleset
+    # The deciding values, with the date, and the risk factors in words.
+    assert detail.startswith("**High risk of bone loss**, on anastrozole: T-score -1.6 at the lumbar spine on 15 Feb 2026;")
+    assert "age over 65 and current smoker" in detail
+    assert "Repeat the DXA scan in 12 months" in detail
+    # Reviewer material is elsewhere: no rule, reference or ruleset on the card.
+    for internal in ("C-HIGH-2", "RF-AGE", "REC-HIGH-POTENT-AR", "Observation/", "aibl-1.0.0-", "`"):
+        assert internal not in detail
     assert main["source"]["label"] and main["source"]["topic"]["code"] == "aibl"
     assert any("10.1016/j.jbo.2017.03.001" in link["url"] for link in main["links"])
     # Plan + DXA on the assessment card; the drugs on the treatment card, one at most.
@@ -83,7 +86,10 @@ def test_every_suggested_resource_is_valid_fhir_r4(make_app, case):
             assert resource["subject"]["reference"] == f"Patient/{case.lower()}"
             if resource["resourceType"] in ("ServiceRequest", "MedicationRequest"):
                 assert resource["status"] == "draft"
-                assert "Rules:" in resource["note"][0]["text"]
+                # The rules and ruleset behind it: structured, not in the note a clinician reads.
+                urls = {e["url"] for e in resource["extension"]}
+                assert urls == {RULE_EXTENSION, RULESET_EXTENSION}
+                assert "Rules" not in resource["note"][0]["text"]
 
 
 def test_dxa_timing_follows_the_catalogue(make_app):
@@ -112,8 +118,9 @@ def test_a_blocked_drug_is_never_suggested(make_app, tmp_path):
     cards = by_kind(harness.hook(PV, patient_view_request(bundle("V06"))).json()["cards"])
     drugs = [r["medicationCodeableConcept"]["coding"][0]["code"] for r in suggestion_resources(cards["treatment"])]
     assert drugs == ["993449"]  # denosumab only
-    assert "zoledronic acid 4 mg is not offered" in cards["treatment"]["detail"]
-    assert "TEST-BLOCK-ZA" in cards["assessment"]["detail"]
+    assert "Not offered: zoledronic acid." in cards["treatment"]["detail"]
+    assert "Ruled out by the safety checks:** zoledronic acid." in cards["assessment"]["detail"]
+    assert "TEST-BLOCK-ZA" not in str(cards)
     assert "safety" not in cards  # patient-view never makes a critical card
 
 
@@ -122,7 +129,8 @@ def test_no_treatment_card_when_every_drug_is_blocked(make_app, tmp_path):
     cards = harness.hook(PV, patient_view_request(bundle("V06"))).json()["cards"]
     assert len(cards) == 1
     assert not [r for r in suggestion_resources(cards[0]) if r["resourceType"] == "MedicationRequest"]
-    assert "TEST-BLOCK-ALL" in cards[0]["detail"]
+    assert "Ruled out by the safety checks:** every bisphosphonate, every denosumab." in cards[0]["detail"]
+    assert "every option is ruled out for now" in cards[0]["detail"]
 
 
 def test_a_draft_order_for_a_blocked_drug_is_critical(make_app, tmp_path):
@@ -133,7 +141,8 @@ def test_a_draft_order_for_a_blocked_drug_is_critical(make_app, tmp_path):
     assert len(critical) == 1
     card = critical[0]
     assert "zoledronic acid" in card["summary"] and len(card["summary"]) <= SUMMARY_MAX
-    assert "TEST-BLOCK-ZA" in card["detail"] and "REC-HIGH-POTENT-AR" in card["detail"]
+    assert "Test block of zoledronic acid." in card["detail"]
+    assert "TEST-BLOCK-ZA" not in str(card) and "REC-HIGH-POTENT-AR" not in str(card)
     action = card["suggestions"][0]["actions"][0]
     assert action == {"type": "delete", "description": "Remove the draft zoledronic acid order", "resourceId": "MedicationRequest/za-1"}
     assert card["selectionBehavior"] == "any"
@@ -203,11 +212,14 @@ def test_hypocalcaemia_blocks_every_antiresorptive(make_app):
     harness = make_app()
     cards = by_kind(harness.hook(PV, patient_view_request(bundle("V45"))).json()["cards"])
     assert "treatment" not in cards
-    assert "`all-antiresorptives`" in cards["assessment"]["detail"] and "Hypocalcaemia" in cards["assessment"]["detail"]
+    assert (
+        "every bisphosphonate and denosumab (albumin-corrected calcium 8.1 mg/dL on 15 Feb 2026)" in cards["assessment"]["detail"]
+    )
     for rxnorm, name in (("993449", "denosumab"), ("77655", "zoledronic acid"), ("904431", "alendronate 70 mg"), ("73056", "risedronate")):
         critical = critical_for(harness, "V45", rxnorm, name)
         assert len(critical) == 1, name
-        assert "K1C-HYPOCALCAEMIA" in critical[0]["detail"] and "Observation/v45-ca" in critical[0]["detail"]
+        assert "This patient: albumin-corrected calcium 8.1 mg/dL on 15 Feb 2026." in critical[0]["detail"]
+        assert "K1C" not in str(critical[0]) and "Observation/" not in critical[0]["detail"]
     # Anastrozole itself is no antiresorptive: no safety card.
     assert critical_for(harness, "V45", "199224", "anastrozole") == []
 
@@ -217,7 +229,8 @@ def test_crcl_32_blocks_alendronate_and_reclast_not_zometa(make_app):
     harness = make_app()
     cards = by_kind(harness.hook(PV, patient_view_request(bundle("V44"))).json()["cards"])
     assert drugs_offered(cards) == ["denosumab", "zoledronic acid"]  # ZA 4 mg stays, at a reduced dose
-    assert "za-dose-reduction" in cards["assessment"]["detail"]
+    assert "Give zoledronic acid 4 mg at a reduced dose" in cards["assessment"]["detail"]
+    assert "alendronate and zoledronic acid 5 mg (creatinine clearance 32 mL/min on 15 Feb 2026)" in cards["assessment"]["detail"]
     assert critical_for(harness, "V44", "904431", "alendronate 70 mg")
     assert critical_for(harness, "V44", "77655", "zoledronic acid", dose_mg=5)  # Reclast
     assert not critical_for(harness, "V44", "77655", "zoledronic acid", dose_mg=3.0)  # Zometa, reduced
@@ -230,8 +243,10 @@ def test_egfr_28_leaves_no_drug_to_suggest(make_app):
     harness = make_app()
     cards = by_kind(harness.hook(PV, patient_view_request(bundle("V43"))).json()["cards"])
     assert "treatment" not in cards
-    assert "`specialist`" in cards["assessment"]["detail"]
-    assert critical_for(harness, "V43", "993449", "denosumab")
+    assert "Refer to a bone specialist" in cards["assessment"]["detail"]
+    (card,) = critical_for(harness, "V43", "993449", "denosumab")
+    assert "This patient: eGFR 28 mL/min/1.73 m² on 15 Feb 2026." in card["detail"]
+    assert "(eGFR 28 mL/min/1.73 m² on 15 Feb 2026)" in card["summary"]
 
 
 def test_low_vitamin_d_blocks_iv_zoledronic_acid_and_denosumab(make_app):
@@ -243,11 +258,15 @@ def test_low_vitamin_d_blocks_iv_zoledronic_acid_and_denosumab(make_app):
     assert not critical_for(harness, "V46", "73056", "risedronate")
 
 
-def test_an_agent_the_table_does_not_know_blocks_every_antiresorptive(make_app, tmp_path):
+def test_an_agent_the_table_does_not_know_blocks_every_antiresorptive(make_app, tmp_path, caplog):
     harness = make_app(safety=_table(tmp_path, "agents: {}\n"))
-    cards = by_kind(harness.hook(PV, patient_view_request(bundle("V44"))).json()["cards"])
+    with caplog.at_level(logging.WARNING, logger="fhir_aibl.cds"):
+        cards = by_kind(harness.hook(PV, patient_view_request(bundle("V44"))).json()["cards"])
     assert "treatment" not in cards
-    assert "does not name" in cards["assessment"]["detail"]
+    assert "every bisphosphonate and denosumab" in cards["assessment"]["detail"]
+    # The operator learns which agent is missing; the clinician is not told our table's names.
+    assert any("'alendronate'" in r.getMessage() for r in caplog.records)
+    assert "alendronate" not in cards["assessment"]["detail"]
     assert critical_for(harness, "V44", "73056", "risedronate")
 
 
@@ -262,4 +281,5 @@ def test_as_of_defaults_to_today(make_app):
     harness = make_app(as_of=None)
     harness.clock[0] = dt.datetime(2027, 3, 4, 12, 0).timestamp()
     cards = harness.hook(PV, patient_view_request(bundle("V06"))).json()["cards"]
-    assert "assessed as of 2027-03-04" in cards[0]["detail"]
+    risk = suggestion_resources(cards[0])[0]
+    assert risk["resourceType"] == "RiskAssessment" and risk["occurrenceDateTime"] == "2027-03-04"
