@@ -321,10 +321,18 @@ class ClinicianText:
         return list(out.values())
 
     def blocked_sentence(self, blocked: Iterable[Any]) -> str:
-        """The safety gates' own sentences (the `blocked` findings' details) and the values measured."""
-        details = list(dict.fromkeys(f.detail for f in blocked if getattr(f, "detail", None)))
+        """What the safety gates mean for a drug activity, in words, with the values measured.
+
+        The gates' own rule texts are reviewer material (they cite the specification); the
+        flags the same gates raise carry the clinician's sentence, in the plan's notes.
+        """
+        held = any(getattr(f, "code", None) == "all-antiresorptives" for f in blocked)
+        text = (
+            "Every antiresorptive is on hold until the problem in the notes is corrected."
+            if held
+            else "Some of these drugs are ruled out for this patient: see the notes."
+        )
         values = [v for v in (self.values.renal(), self.values.calcium(), self.values.vitamin_d()) if v]
-        text = " ".join(details) or "Some antiresorptives are ruled out by the record."
         return text + (f" Latest values: {'; '.join(values)}." if values else "")
 
     def cited(self, code: str) -> str:

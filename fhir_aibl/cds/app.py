@@ -52,6 +52,7 @@ from ..assess import RULES_DIR, Assessor
 from ..careplan import load_catalogue
 from ..errors import AiblError
 from .auth import JwtVerifier
+from . import about
 from .cards import CardBuilder, IssuedCard, fill_source_url
 from .errors import (
     BadRequestError,
@@ -440,6 +441,7 @@ def create_app(
         openapi_url=None,
     )
     app.state.cds = cds
+    app.include_router(about.router(cds.catalogue, settings.source_label))
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
