@@ -99,6 +99,8 @@ GENERAL = {"ca-vitd": "calcium and vitamin D", "exercise": "exercise", "btm-opti
 CHECKS = ("ci-check", "dental-review")
 #: Flags whose message is the safety line's (the drugs ruled out, with the value): not repeated.
 SAFETY_FLAGS = frozenset({"crcl-below-35", "crcl-below-30", "denosumab-ckd-mbd", "hypocalcaemia", "vitamin-d-repletion"})
+#: The service's validation note (app.py): the one integration note that also changes the decision.
+_INVALID = re.compile(r"^(\d+) resource\(s\) failed FHIR R4 validation")
 _REF = re.compile(r"\b[A-Z][A-Za-z]+/[A-Za-z0-9\-.]+(?:/_history/[A-Za-z0-9\-.]+)?")
 
 
@@ -191,6 +193,14 @@ class CardBuilder:
         logged, never shown. `facts` and `resources` give the values and dates the text names."""
         values = PatientValues(assessment, facts, resources)
         notes, for_log = split_notes(facts.problems if facts else (), values)
+        for note in data_notes:
+            # Resources the rules would read that failed validation were not used: that changes
+            # what the record says, so the clinician hears how many (never which, nor why).
+            invalid = _INVALID.match(note)
+            if invalid:
+                n = int(invalid.group(1))
+                notes.append(f"{n} result{'s' if n > 1 else ''} on record could not be read and "
+                             f"{'were' if n > 1 else 'was'} not used: check the chart.")
         self._log(assessment, [*data_notes, *for_log])
         if assessment.category == "not-applicable":
             return []
