@@ -284,7 +284,8 @@ class CardBuilder:
             "suggestions": suggestions,
             "selectionBehavior": "any",
             "overrideReasons": self._override_reasons(),
-            "links": self._links(ctx, [c for c in (lead,) if c] + [c for c in a.recommendations if c not in offered]),
+            # The citations of the drugs are on the treatment card; these are the rest.
+            "links": self._links(ctx, [*(c for c in _by_priority(a.recommendations) if c not in offered), *a.flags]),
         }
         return IssuedCard(card, "assessment", suppressible=True, suggestion_ids=[s["uuid"] for s in suggestions])
 
