@@ -45,9 +45,10 @@ IDENTIFIER_SYSTEM = "urn:fhir-aibl:careplan"
 RULESET_SYSTEM = "urn:fhir-aibl:ruleset"
 CATEGORY_SYSTEM = "urn:fhir-aibl:aibl-risk-category"
 RECOMMENDATION_SYSTEM = "urn:fhir-aibl:recommendation"
-#: Reviewer material on a resource, out of the clinician's text: one extension per rule that
-#: decided (valueId), and the ruleset and catalogue that decided (valueString).
-RULE_EXTENSION = "urn:fhir-aibl:rule"
+#: Reviewer material on a resource, out of the clinician's text: the ids of the rules that
+#: decided it (one valueString, space-separated: one extension per rule costs a model each on
+#: the CDS hot path), and the ruleset and catalogue that decided (valueString).
+RULE_EXTENSION = "urn:fhir-aibl:rules"
 RULESET_EXTENSION = "urn:fhir-aibl:ruleset"
 US_CORE_CAREPLAN_CATEGORY = "http://hl7.org/fhir/us/core/CodeSystem/careplan-category"
 UCUM = "http://unitsofmeasure.org"
@@ -315,11 +316,14 @@ def _flag_note(code: str, text: ClinicianText) -> Annotation:
     return Annotation(text=text.sentence(code))
 
 
-def rule_extensions(assessment: Assessment, rules: Iterable[str]) -> list[Extension] | None:
-    """The rules and ruleset behind a resource, as extensions (reviewer material, not text)."""
-    out = [Extension(url=RULE_EXTENSION, valueString=r) for r in _unique(rules)]
-    out.append(Extension(url=RULESET_EXTENSION, valueString=assessment.ruleset.name))
-    return out
+def rule_extensions(assessment: Assessment, rules: Iterable[str], *, ruleset: bool = True) -> list[Extension] | None:
+    """The rules (and, unless the enclosing resource says it, the ruleset) behind a resource or
+    element, as extensions: reviewer material, not text."""
+    rules = _unique(rules)
+    out = [Extension(url=RULE_EXTENSION, valueString=" ".join(rules))] if rules else []
+    if ruleset:
+        out.append(Extension(url=RULESET_EXTENSION, valueString=assessment.ruleset.name))
+    return out or None
 
 
 def _rationale_rules(assessment: Assessment) -> list[str]:
@@ -339,7 +343,7 @@ def _risk_assessment(assessment: Assessment, catalogue: Catalogue, identifier: I
         mitigation = " ".join(text.action(c) for c in assessment.recommendations)
     return RiskAssessment(
         identifier=[identifier],
-        extension=rule_extensions(assessment, _rationale_rules(assessment)),
+        extension=rule_extensions(assessment, _rationale_rules(assessment), ruleset=False),  # method names it
         status="final",
         subject=Reference(reference=assessment.patient),
         occurrenceDateTime=assessment.as_of,
@@ -414,7 +418,7 @@ def _activity(assessment: Assessment, code: str, entry: RecommendationEntry, tex
         if any(b.code == "all-antiresorptives" for b in blocks):
             status = "on-hold"
     detail = CarePlanActivityDetail(
-        extension=rule_extensions(assessment, rules),
+        extension=rule_extensions(assessment, rules, ruleset=False),  # the CarePlan names it
         kind=DETAIL_KIND.get(entry.kind),
         code=CodeableConcept(coding=codings, text=entry.title),
         status=status,

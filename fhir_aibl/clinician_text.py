@@ -140,28 +140,30 @@ class PatientValues:
     ):
         self.assessment = assessment
         self.facts = facts
-        self.dates: dict[str, dt.date] = {}
-        self.labels: dict[str, str] = {}
-        for res in resources or ():
-            if not isinstance(res, Mapping) or not isinstance(res.get("id"), str):
-                continue
-            ref = f"{res.get('resourceType')}/{res['id']}"
-            when = _effective(res)
-            if when is not None:
-                self.dates[ref] = when
-            label = _label(res)
-            if label:
-                self.labels[ref] = label
+        # Resources by reference; their dates and labels are read only for what the text cites.
+        self._by_ref: dict[str, Mapping[str, Any]] = {
+            f"{res.get('resourceType')}/{res['id']}": res
+            for res in resources or ()
+            if isinstance(res, Mapping) and isinstance(res.get("id"), str)
+        }
+        self._dates: dict[str, dt.date | None] = {}
         self._phrases: dict[str, str] | None = None
 
     # -- lookups -------------------------------------------------------------------------
+    def _date(self, ref: str) -> dt.date | None:
+        ref = _HISTORY.sub("", ref)
+        if ref not in self._dates:
+            res = self._by_ref.get(ref)
+            self._dates[ref] = _effective(res) if res is not None else None
+        return self._dates[ref]
+
     def date_of(self, refs: Iterable[str]) -> dt.date | None:
-        found = [self.dates.get(_HISTORY.sub("", r)) for r in refs if not r.startswith("Patient/")]
-        found = [d for d in found if d is not None]
+        found = [d for d in (self._date(r) for r in refs if not r.startswith("Patient/")) if d is not None]
         return max(found) if found else None
 
     def label_of(self, ref: str) -> str | None:
-        return self.labels.get(_HISTORY.sub("", ref))
+        res = self._by_ref.get(_HISTORY.sub("", ref))
+        return _label(res) if res is not None else None
 
     def _of_type(self, fact_type: str) -> list[dict]:
         return self.facts.of_type(fact_type) if self.facts is not None else []

@@ -25,7 +25,7 @@ Every string a clinician reads comes from `clinician_text.py` (the catalogue's `
 fields, the safety table's `display`/`reason`/`limit`): no rule ids, resource references,
 catalogue codes or specification references, and no paragraph is repeated across the cards of
 one answer. Reviewer material (rules, ruleset) travels in the suggested resources' structured
-fields (`careplan.py`'s extensions) and in Provenance; integration notes (prefetched resources
+fields (`careplan.py`'s extensions) and in the write-back's Provenance; integration notes (prefetched resources
 about another patient, resources that failed validation) go to the log, never to a card.
 
 Every resource a suggestion creates is built with the fhir.resources R4B models (so it is
