@@ -308,9 +308,7 @@ class ClinicianText:
 
     def sentence(self, code: str) -> str:
         """The action and the why, one paragraph."""
-        why = self.why(code)
-        why = why[0].upper() + why[1:] if why else ""
-        return f"{self.action(code)} {why}".strip()
+        return f"{self.action(code)} {capitalised(self.why(code))}".strip()
 
     def citations(self, codes: Iterable[str]) -> list[Citation]:
         out: dict[str, Citation] = {}
@@ -330,9 +328,9 @@ class ClinicianText:
         """
         held = any(getattr(f, "code", None) == "all-antiresorptives" for f in blocked)
         text = (
-            "Every antiresorptive is on hold until the problem in the notes is corrected."
+            "every antiresorptive is on hold until the problem in the notes is corrected."
             if held
-            else "Some of these drugs are ruled out for this patient: see the notes."
+            else "some bone drugs are ruled out for this patient: see the notes."
         )
         values = [v for v in (self.values.renal(), self.values.calcium(), self.values.vitamin_d()) if v]
         return text + (f" Latest values: {'; '.join(values)}." if values else "")
@@ -342,6 +340,12 @@ class ClinicianText:
         cites = self.citations([code])
         tail = " Sources: " + "; ".join(f"{c.text} ({c.url})" if c.url else c.text for c in cites) + "." if cites else ""
         return self.sentence(code) + tail
+
+
+def capitalised(text: str) -> str:
+    """The text with a capital first letter, unless its first word is an abbreviation (eGFR)."""
+    first = text.split(" ", 1)[0]
+    return text[0].upper() + text[1:] if text and first.islower() else text
 
 
 def fill(template: str, phrases: Mapping[str, str]) -> str:

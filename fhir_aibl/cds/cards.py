@@ -55,7 +55,7 @@ from fhir.resources.R4B.servicerequest import ServiceRequest
 
 from ..assessment import Assessment
 from ..careplan import Catalogue, ProductSpec, RecommendationEntry, build_resources, business_identifier, rule_extensions
-from ..clinician_text import CATEGORY_WORDS, ClinicianText, PatientValues, fill, joined, split_notes
+from ..clinician_text import CATEGORY_WORDS, ClinicianText, PatientValues, capitalised, fill, joined, split_notes
 from ..facts import FactSet
 from ..rulebook import Rulebook
 from ..terminology import Terminology
@@ -136,8 +136,7 @@ def _by_priority(codes: Iterable[str]) -> list[str]:
 
 
 def _sentence(text: str) -> str:
-    text = text.strip()
-    return text[0].upper() + text[1:] if text else text
+    return capitalised(text.strip())
 
 
 @dataclass

@@ -494,3 +494,24 @@ def test_the_catalogue_gives_clinician_text_for_every_entry():
     for name, drugs in table.agents.items():
         assert drugs.display and drugs.limit and placeholders_of(drugs.reason or "") <= set(PLACEHOLDERS), name
         assert not leaks(drugs.display + " " + drugs.limit), name
+
+
+def test_clinician_text_helpers(assessor):
+    from fhir_aibl.clinician_text import PatientValues, capitalised, day, fill
+
+    assert day(dt.date(2026, 2, 10)) == "10 Feb 2026"
+    assert capitalised("eGFR 28 mL/min") == "eGFR 28 mL/min" and capitalised("calcium low") == "Calcium low"
+    assert fill("{crcl}, below 35 mL/min; {nonsense}", {"crcl": "creatinine clearance 28 mL/min"}) == (
+        "creatinine clearance 28 mL/min, below 35 mL/min; "
+    )  # an unknown placeholder is left out, never shown as braces (the catalogue test names it)
+    record = [e["resource"] for e in bundle("V43")["entry"]]
+    result = assessor.assess("Patient/v43", record, dt.date(2026, 6, 1))
+    dated = PatientValues(result.assessment, result.facts, record).phrases()
+    assert dated["crcl"] == "creatinine clearance 28 mL/min on 15 Feb 2026"
+    assert dated["egfr"] == "eGFR 28 mL/min/1.73 m² on 15 Feb 2026"
+    # Without the resources (the command's CarePlan): the values, without a date.
+    undated = PatientValues(result.assessment, result.facts).phrases()
+    assert undated["crcl"] == "creatinine clearance 28 mL/min" and undated["score"] == "T-score -2.6 at the lumbar spine"
+    # Without facts: what the assessment holds, and plain words for what is not on record.
+    bare = PatientValues(result.assessment).phrases()
+    assert bare["crcl"] == "creatinine clearance not on record"
