@@ -29,6 +29,7 @@ from fhir.resources.R4B.bundle import Bundle, BundleEntry, BundleEntryRequest
 from fhir.resources.R4B.careplan import CarePlan, CarePlanActivity, CarePlanActivityDetail
 from fhir.resources.R4B.codeableconcept import CodeableConcept
 from fhir.resources.R4B.coding import Coding
+from fhir.resources.R4B.extension import Extension
 from fhir.resources.R4B.identifier import Identifier
 from fhir.resources.R4B.quantity import Quantity
 from fhir.resources.R4B.reference import Reference
@@ -37,12 +38,18 @@ from fhir.resources.R4B.timing import Timing, TimingRepeat
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .assessment import Assessment
+from .clinician_text import CATEGORY_WORDS, ClinicianText, PatientValues
 from .errors import RulesError
 
 IDENTIFIER_SYSTEM = "urn:fhir-aibl:careplan"
 RULESET_SYSTEM = "urn:fhir-aibl:ruleset"
 CATEGORY_SYSTEM = "urn:fhir-aibl:aibl-risk-category"
 RECOMMENDATION_SYSTEM = "urn:fhir-aibl:recommendation"
+#: Reviewer material on a resource, out of the clinician's text: the ids of the rules that
+#: decided it (one valueString, space-separated: one extension per rule costs a model each on
+#: the CDS hot path), and the ruleset and catalogue that decided (valueString).
+RULE_EXTENSION = "urn:fhir-aibl:rules"
+RULESET_EXTENSION = "urn:fhir-aibl:ruleset"
 US_CORE_CAREPLAN_CATEGORY = "http://hl7.org/fhir/us/core/CodeSystem/careplan-category"
 UCUM = "http://unitsofmeasure.org"
 
@@ -139,9 +146,24 @@ def _as_tuple(value: Any) -> Any:
     return value
 
 
+class ClinicianSpec(_Model):
+    """What a clinician reads for an entry: the action, and why (with {placeholders} for the patient's values)."""
+
+    action: str = Field(min_length=1)
+    why: str = ""
+
+
+class ReferenceSpec(_Model):
+    """A citation as a clinician sees it: author, journal, year, and a link (DOI) where there is one."""
+
+    text: str = Field(min_length=1)
+    url: str | None = None
+
+
 class _Entry(_Model):
     title: str = Field(min_length=1)
     text: str = Field(min_length=1)
+    clinician: ClinicianSpec | None = None
     citation: tuple[str, ...] = Field(min_length=1)
     implements: tuple[str, ...] = ()
 
@@ -181,6 +203,7 @@ class Catalogue(_Model):
     version: str
     title: str = ""
     citations: dict[str, str]
+    references: dict[str, ReferenceSpec] = Field(default_factory=dict)
     recommendations: dict[str, RecommendationEntry]
     flags: dict[str, FlagEntry]
     content_hash: str = ""
@@ -276,6 +299,10 @@ def _search(identifier: Identifier) -> str:
 # -- the resources ----------------------------------------------------------------------------
 
 
+def _day(value: dt.date) -> str:
+    return f"{value.day} {value:%b %Y}"
+
+
 def _unique(items: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(items))
 
@@ -285,19 +312,8 @@ def _refs(references: Iterable[str]) -> list[Reference] | None:
     return out or None  # FHIR forbids empty arrays
 
 
-def _joined(items: Iterable[str], empty: str = "none") -> str:
-    items = list(items)
-    return ", ".join(items) if items else empty
-
-
-def _flag_note(code: str, entry: FlagEntry, assessment: Assessment | None = None) -> Annotation:
-    text = f"Flag {code} ({entry.severity}): {entry.title}. {entry.text}"
-    if assessment is not None:
-        # What the rule says of this patient, where it names a date or a value (the DXA on record, a FRAX result).
-        specifics = [f.detail for f in assessment.findings_of("flag") if f.code == code and f.detail and (f.date or f.value is not None)]
-        if specifics:
-            text += " " + " ".join(dict.fromkeys(specifics))
-    return Annotation(text=text)
+def _flag_note(code: str, text: ClinicianText) -> Annotation:
+    return Annotation(text=text.sentence(code))
 
 
 #: Recorded FRAX probabilities, as RiskAssessment predictions (the tool's own outcome).
@@ -333,6 +349,16 @@ def _frax_predictions(assessment: Assessment) -> list[RiskAssessmentPrediction]:
     return out
 
 
+def rule_extensions(assessment: Assessment, rules: Iterable[str], *, ruleset: bool = True) -> list[Extension] | None:
+    """The rules (and, unless the enclosing resource says it, the ruleset) behind a resource or
+    element, as extensions: reviewer material, not text."""
+    rules = _unique(rules)
+    out = [Extension(url=RULE_EXTENSION, valueString=" ".join(rules))] if rules else []
+    if ruleset:
+        out.append(Extension(url=RULESET_EXTENSION, valueString=assessment.ruleset.name))
+    return out or None
+
+
 def _rationale_rules(assessment: Assessment) -> list[str]:
     rules: list[str] = []
     for kind, code in [("category", assessment.category), *(("risk-factor", rf) for rf in assessment.risk_factors)]:
@@ -342,19 +368,15 @@ def _rationale_rules(assessment: Assessment) -> list[str]:
     return _unique(rules) or list(assessment.rules)
 
 
-def _risk_assessment(assessment: Assessment, catalogue: Catalogue, identifier: Identifier) -> RiskAssessment:
+def _risk_assessment(assessment: Assessment, catalogue: Catalogue, identifier: Identifier, text: ClinicianText) -> RiskAssessment:
     rs = assessment.ruleset
-    rationale = (
-        f"Aromatase inhibitor {AI_STATUS_TEXT[assessment.ai_status]}. "
-        f"Risk factors: {_joined(assessment.risk_factors)}. "
-        f"Rules: {_joined(_rationale_rules(assessment))}."
-    )
+    rationale = text.values.headline().replace("**", "")
     mitigation = None
     if assessment.recommendations:
-        titles = [catalogue.recommendations[c].title for c in assessment.recommendations]
-        mitigation = "Proposed: " + "; ".join(titles) + "."
+        mitigation = " ".join(text.action(c) for c in assessment.recommendations)
     return RiskAssessment(
         identifier=[identifier],
+        extension=rule_extensions(assessment, _rationale_rules(assessment), ruleset=False),  # method names it
         status="final",
         subject=Reference(reference=assessment.patient),
         occurrenceDateTime=assessment.as_of,
@@ -367,7 +389,7 @@ def _risk_assessment(assessment: Assessment, catalogue: Catalogue, identifier: I
                     display=f"{rs.id} version {rs.version} (content {rs.content_hash}, boundary mode {rs.boundary_mode})",
                 )
             ],
-            text=f"fhir-aibl rules {rs.id} version {rs.version}",
+            text=f"AIBL bone health rules, version {rs.version}",
         ),
         basis=_refs(assessment.evidence),
         prediction=[
@@ -388,8 +410,7 @@ def _risk_assessment(assessment: Assessment, catalogue: Catalogue, identifier: I
             *_frax_predictions(assessment),
         ],
         mitigation=mitigation,
-        note=[_flag_note(f, catalogue.flags[f], assessment) for f in assessment.flags] + _risk_tool_notes(assessment)
-        or None,
+        note=[_flag_note(f, text) for f in assessment.flags] + _risk_tool_notes(assessment) or None,
     )
 
 
@@ -412,11 +433,11 @@ def _product(entry: RecommendationEntry) -> dict[str, Any]:
     return out
 
 
-def _activity(assessment: Assessment, code: str, entry: RecommendationEntry) -> CarePlanActivity:
+def _activity(assessment: Assessment, code: str, entry: RecommendationEntry, text: ClinicianText) -> CarePlanActivity:
     finding = assessment.finding("recommendation", code)
     rules = finding.rules if finding else ()
     evidence = finding.evidence if finding else ()
-    description = f"{entry.text} Rules: {_joined(rules, 'none recorded')}. Evidence: {_joined(evidence)}."
+    description = text.cited(code)
     # The catalogue's standard codes first; the fhir-aibl code last, so that a reader (a CDS
     # card, a later run) can tell which recommendation an activity is without parsing text.
     codings = [c.fhir() for c in entry.code]
@@ -427,11 +448,11 @@ def _activity(assessment: Assessment, code: str, entry: RecommendationEntry) -> 
     if blocks:
         # A safety gate never silently drops a drug: the activity says what is blocked, why,
         # and what to do instead (the gate rule's text), and waits when every agent is held.
-        why = " ".join(dict.fromkeys(b.detail for b in blocks if b.detail))
-        description += f" Safety checks (K1): blocked {', '.join(b.code for b in blocks)}. {why}"
+        description += " Safety checks: " + text.blocked_sentence(blocks)
         if any(b.code == "all-antiresorptives" for b in blocks):
             status = "on-hold"
     detail = CarePlanActivityDetail(
+        extension=rule_extensions(assessment, rules, ruleset=False),  # the CarePlan names it
         kind=DETAIL_KIND.get(entry.kind),
         code=CodeableConcept(coding=codings, text=entry.title),
         status=status,
@@ -448,6 +469,7 @@ def _care_plan(
     catalogue: Catalogue,
     identifier: Identifier,
     created: dt.datetime,
+    text: ClinicianText,
 ) -> CarePlan:
     category = CATEGORY_DISPLAY[assessment.category]
     indications = [
@@ -464,29 +486,21 @@ def _care_plan(
     )
     supporting = [risk_ref, *(_refs(assessment.evidence) or [])]
     description = (
-        f"Aromatase-inhibitor-associated bone loss (AIBL) assessment as of {assessment.as_of.isoformat()}: "
-        f"aromatase inhibitor {AI_STATUS_TEXT[assessment.ai_status]} ({assessment.ai_status}); "
-        f"risk category {assessment.category}. "
-        f"Risk factors: {_joined(assessment.risk_factors)}. "
-        f"Flags: {_joined(assessment.flags)}. "
-        "Proposed by fhir-aibl for clinician review; nothing here has been ordered."
+        f"Aromatase-inhibitor-associated bone loss, assessed on {_day(assessment.as_of)}. "
+        + text.values.headline().replace("**", "")
+        + " Proposed for clinician review; nothing here has been ordered."
     )
     rs = assessment.ruleset
-    notes = [
-        Annotation(
-            text=(
-                f"Decided by fhir-aibl ruleset {rs.name} (boundary mode {rs.boundary_mode}); "
-                f"texts from catalogue {catalogue.id} {catalogue.version}"
-                + (f" ({catalogue.content_hash})" if catalogue.content_hash else "")
-                + "."
-            )
-        ),
-        *(_flag_note(f, catalogue.flags[f], assessment) for f in assessment.flags),
-        *_risk_tool_notes(assessment),
+    catalogue_name = f"{catalogue.id} {catalogue.version}" + (f" ({catalogue.content_hash})" if catalogue.content_hash else "")
+    extensions = [
+        Extension(url=RULESET_EXTENSION, valueString=f"{rs.name} (boundary mode {rs.boundary_mode})"),
+        Extension(url=RULESET_EXTENSION, valueString=f"catalogue {catalogue_name}"),
     ]
-    activities = [_activity(assessment, c, catalogue.recommendations[c]) for c in assessment.recommendations]
+    notes = [_flag_note(f, text) for f in assessment.flags] + _risk_tool_notes(assessment)
+    activities = [_activity(assessment, c, catalogue.recommendations[c], text) for c in assessment.recommendations]
     return CarePlan(
         identifier=[identifier],
+        extension=extensions,
         status="draft",
         intent="proposal",
         category=[
@@ -500,14 +514,14 @@ def _care_plan(
                 ]
             )
         ],
-        title=f"AIBL bone health plan: {category}",
+        title=f"Bone health plan on an aromatase inhibitor: {CATEGORY_WORDS[assessment.category]}",
         description=description,
         subject=Reference(reference=assessment.patient),
         created=created,
         addresses=_refs(indications),
         supportingInfo=supporting,
         activity=activities or None,
-        note=notes,
+        note=notes or None,
     )
 
 
@@ -516,11 +530,13 @@ def build_resources(
     catalogue: Catalogue,
     *,
     created: dt.datetime | None = None,
+    values: PatientValues | None = None,
 ) -> tuple[RiskAssessment, CarePlan]:
     """The RiskAssessment and CarePlan of one assessment.
 
     `created` (default: now, UTC) is the CarePlan's creation time; it never enters the
-    identifier. Raises RulesError if the catalogue has no entry for a code the assessment uses.
+    identifier. `values` (the patient's values and their dates, from the facts and resources)
+    fill the clinician text; without them the text names what the assessment itself holds. Raises RulesError if the catalogue has no entry for a code the assessment uses.
     """
     catalogue.require(recommendations=assessment.recommendations, flags=assessment.flags)
     if created is None:
@@ -528,8 +544,9 @@ def build_resources(
     elif created.tzinfo is None:  # FHIR dateTime with a time needs a zone
         created = created.replace(tzinfo=dt.timezone.utc)
     identifier = business_identifier(assessment)
-    risk = _risk_assessment(assessment, catalogue, identifier)
-    plan = _care_plan(assessment, catalogue, identifier, created)
+    text = ClinicianText(catalogue, values if values is not None else PatientValues(assessment))
+    risk = _risk_assessment(assessment, catalogue, identifier, text)
+    plan = _care_plan(assessment, catalogue, identifier, created, text)
     return risk, plan
 
 

@@ -2,7 +2,7 @@
 """Render the cards of one CDS Hooks answer as a clinician sees them, and screenshot the page.
 
     python scripts/render_card.py [--case V06] [--hook patient-view] [--out docs/card.png]
-                                  [--html out/card.html] [--width 900] [--height 2200]
+                                  [--html out/card.html] [--width 760] [--height 840]
 
 What it does: builds the patient-view request of a fixture record (`fixtures/bundles/<case>.json`,
 full prefetch, reference date 2026-06-01 so that the picture is reproducible), sends it to
@@ -73,6 +73,8 @@ def card_html(card: dict) -> str:
     )
     source = card["source"]
     label = html.escape(source["label"])
+    if source.get("url"):
+        label = f'<a href="{html.escape(source["url"])}">{label}</a>'
     parts.append(f'<div class="source">Source: {label}</div>')
     if card.get("detail"):
         parts.append(f'<div class="detail">{_markdown(card["detail"])}</div>')
@@ -151,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--case", default="V06", help="fixture record (default: V06, high risk)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "card.png")
     parser.add_argument("--html", type=Path, default=ROOT / "out" / "card.html")
-    parser.add_argument("--width", type=int, default=900)
-    parser.add_argument("--height", type=int, default=1900)
+    parser.add_argument("--width", type=int, default=760, help="about the 724 px card column of the CDS Hooks Sandbox, plus margins")
+    parser.add_argument("--height", type=int, default=840)
     parser.add_argument("--chromium", default="chromium")
     args = parser.parse_args(argv)
     cards, title = answer(args.case)

@@ -17,6 +17,8 @@ from fhir_aibl.careplan import (
     CATEGORY_SYSTEM,
     IDENTIFIER_SYSTEM,
     RECOMMENDATION_SYSTEM,
+    RULE_EXTENSION,
+    RULESET_EXTENSION,
     RULESET_SYSTEM,
     Catalogue,
     build_resources,
@@ -48,6 +50,11 @@ CREATED = dt.datetime(2026, 6, 1, 9, 30, tzinfo=dt.timezone.utc)
 DXA = "Observation/v10-dxa-ls/_history/1"
 AI = "MedicationStatement/v10-ana/_history/2"
 BC = "Condition/v10-bc"
+
+
+def ext_values(element, url: str) -> list[str]:
+    """The values of extension `url` on a resource or element (the rules' one is space-separated)."""
+    return [v for e in element.extension or [] if e.url == url for v in (e.valueString.split() if url == RULE_EXTENSION else [e.valueString])]
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +248,9 @@ def test_risk_assessment_high(catalogue):
     assert "1.0.0" in method.display and "0123456789ab" in method.display
     (prediction,) = risk.prediction
     assert codes(prediction.qualitativeRisk, CATEGORY_SYSTEM) == ["high"]
-    assert "C-HIGH-1" in prediction.rationale and "Risk factors: none" in prediction.rationale
+    assert prediction.rationale.startswith("High risk of bone loss, on an aromatase inhibitor")
+    assert "C-HIGH-1" in ext_values(risk, RULE_EXTENSION) and "C-HIGH-1" not in prediction.rationale
+    assert ext_values(risk, RULESET_EXTENSION) == []  # the method's coding names the ruleset
     assert risk.identifier == [business_identifier(high_risk())]
     assert risk.note is None
 
@@ -249,8 +258,8 @@ def test_risk_assessment_high(catalogue):
 def test_risk_assessment_indeterminate_notes_flags(catalogue):
     risk, _ = build_resources(indeterminate(), catalogue, created=CREATED)
     assert codes(risk.prediction[0].qualitativeRisk, CATEGORY_SYSTEM) == ["indeterminate"]
-    assert "age-over-65" in risk.prediction[0].rationale and "RF-AGE" in risk.prediction[0].rationale
-    assert any("dxa-stale" in n.text for n in risk.note)
+    assert "age over 65" in risk.prediction[0].rationale and "RF-AGE" in ext_values(risk, RULE_EXTENSION)
+    assert any("more than two years old" in n.text for n in risk.note)
     assert [b.reference for b in risk.basis] == list(indeterminate().evidence)
 
 
@@ -265,12 +274,13 @@ def test_care_plan_high(catalogue):
     assert codes(plan.category[0], "http://hl7.org/fhir/us/core/CodeSystem/careplan-category") == ["assess-plan"]
     assert plan.subject.reference == "Patient/v10"
     assert plan.created == CREATED
-    assert "High risk" in plan.title and "active" in plan.description
+    assert "High risk" in plan.title and "High risk of bone loss, on an aromatase inhibitor" in plan.description
     assert [a.reference for a in plan.addresses] == [BC]
     supporting = [s.reference for s in plan.supportingInfo]
     assert supporting[0] == full_url("RiskAssessment", risk.identifier[0])
     assert supporting[1:] == [BC, AI, DXA]
-    assert any(RULESET.name in n.text for n in plan.note)
+    assert any(RULESET.name in v for v in ext_values(plan, RULESET_EXTENSION))
+    assert plan.note is None  # no flags: nothing for the clinician to note
 
     assert [rec_code(a) for a in plan.activity] == list(assessment.recommendations)
     by_code = {rec_code(a): a.detail for a in plan.activity}
@@ -281,21 +291,21 @@ def test_care_plan_high(catalogue):
     assert set(codes(potent.code, RXNORM)) == {"993449", "77655"}
     assert set(codes(potent.productCodeableConcept, RXNORM)) == {"993449", "77655"}
     assert "60 mg" in potent.productCodeableConcept.text and "4 mg" in potent.productCodeableConcept.text
-    assert "Rules: REC-HIGH-POTENT-AR." in potent.description
-    assert f"Evidence: {AI}, {DXA}." in potent.description
+    assert ext_values(potent, RULE_EXTENSION) == ["REC-HIGH-POTENT-AR"]
+    assert "doi.org/10.1016/j.jbo.2017.03.001" in potent.description  # the citation, as a link
     assert [r.reference for r in potent.reasonReference] == [DXA]  # MedicationStatement is not a reason type
     dxa = by_code["dxa-12m"]
     assert dxa.kind == "ServiceRequest"
     assert codes(dxa.code, SNOMED) == ["312681000"]
     assert (float(dxa.scheduledTiming.repeat.period), dxa.scheduledTiming.repeat.periodUnit) == (12.0, "mo")
     assert dxa.scheduledTiming.repeat.periodMax is None
-    assert "REC-HIGH-DXA-12M" in dxa.description and DXA in dxa.description
+    assert "REC-HIGH-DXA-12M" in ext_values(dxa, RULE_EXTENSION) and [r.reference for r in dxa.reasonReference] == [DXA]
     assert set(codes(by_code["ca-vitd"].code, RXNORM)) == {"1897", "2418"}
     assert "1,200 mg" in by_code["ca-vitd"].productCodeableConcept.text
     assert by_code["ci-check"].kind == "ServiceRequest" and by_code["ci-check"].scheduledTiming is None
     assert by_code["exercise"].kind is None
     for code, detail in by_code.items():
-        assert detail.description.startswith(catalogue.recommendations[code].text)
+        assert detail.description.startswith(catalogue.recommendations[code].clinician.action)
 
 
 def test_care_plan_monitoring_timings(catalogue):
@@ -309,7 +319,7 @@ def test_care_plan_monitoring_timings(catalogue):
         repeat = by_code[code].scheduledTiming.repeat
         assert (float(repeat.period), repeat.periodUnit) == (period, "mo")
         assert (float(repeat.periodMax) if repeat.periodMax is not None else None) == period_max
-    assert "Rules: none recorded." in by_code["dxa-12-24m"].description  # no finding for it
+    assert ext_values(by_code["dxa-12-24m"], RULE_EXTENSION) == []  # no finding for it
     oral = by_code["oral-bp"]
     assert codes(oral.productCodeableConcept, RXNORM) == ["73056"]
     assert (float(oral.quantity.value), oral.quantity.code) == (35.0, "mg")
@@ -323,7 +333,7 @@ def test_care_plan_indeterminate(catalogue):
     assert activity.detail.scheduledTiming.repeat.count == 1
     assert activity.detail.scheduledTiming.code.text == "now"
     assert plan.addresses is None
-    assert any("dxa-stale" in n.text for n in plan.note)
+    assert any("more than two years old" in n.text for n in plan.note)
 
 
 def test_care_plan_not_applicable(catalogue):

@@ -17,6 +17,7 @@ import json
 import pytest
 
 from fhir_aibl import cli
+from fhir_aibl.clinician_text import PatientValues
 from fhir_aibl.careplan import build_resources, load_catalogue
 from fhir_aibl.cds.prefetch import default_templates
 from fhir_aibl.facts import extract_facts, reads_resource
@@ -370,15 +371,16 @@ def test_risk_tools_of_a_patient_not_on_an_aromatase_inhibitor_are_not_shown(ass
 
 def test_careplan_and_risk_assessment_carry_the_date_and_the_frax(assessor):
     catalogue = load_catalogue(ROOT / "rules" / "recommendations.yaml")
-    a = assess(assessor, procedure("pr1"), observation("frax", "90265-0", "2026-01-10", **percent(22))).assessment
-    risk, plan = build_resources(a, catalogue)
+    result = assess(assessor, procedure("pr1"), observation("frax", "90265-0", "2026-01-10", **percent(22)))
+    a = result.assessment
+    risk, plan = build_resources(a, catalogue, values=PatientValues(a, result.facts))
     notes = " ".join(n.text for n in plan.note)
-    assert "Result of the DXA on 2026-03-10 not available" in notes
+    assert "A DXA was done on 10 Mar 2026, but its T-scores are not on record" in notes
     assert "major osteoporotic fracture: 22% (recorded 2026-01-10)" in notes
     frax = [p for p in risk.prediction if p.probabilityDecimal is not None]
     assert len(frax) == 1 and float(frax[0].probabilityDecimal) == pytest.approx(0.22)
     assert "does not set the AIBL risk category" in frax[0].rationale
-    assert any("2026-03-10" in n.text for n in risk.note)
+    assert any("10 Mar 2026" in n.text for n in risk.note)
     codes = [c.code for act in plan.activity for c in act.detail.code.coding]
     assert "dxa-obtain-result" in codes and "dxa-now" not in codes
 

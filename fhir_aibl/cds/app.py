@@ -52,7 +52,8 @@ from ..assess import RULES_DIR, Assessor
 from ..careplan import load_catalogue
 from ..errors import AiblError
 from .auth import JwtVerifier
-from .cards import CardBuilder, IssuedCard
+from . import about
+from .cards import CardBuilder, IssuedCard, fill_source_url
 from .errors import (
     BadRequestError,
     BusyError,
@@ -356,8 +357,7 @@ class CdsService:
                 resources.append(planned)
         result = self.assessor.assess(f"Patient/{patient_id}", resources, self.today())
         assessment = result.assessment
-        notes.extend(result.facts.problems)
-        issued = self.cards.build(assessment, draft_orders=drafts, data_notes=notes)
+        issued = self.cards.build(assessment, draft_orders=drafts, data_notes=notes, facts=result.facts, resources=resources)
         shown = [
             c
             for c in issued
@@ -441,6 +441,7 @@ def create_app(
         openapi_url=None,
     )
     app.state.cds = cds
+    app.include_router(about.router(cds.catalogue, settings.source_label))
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -487,6 +488,7 @@ def create_app(
             raise
         except Exception as exc:  # noqa: BLE001 - one failed request must not take the details to the log
             return unexpected(request, exc)
+        fill_source_url(answer["cards"], str(request.base_url))
         log.info("%s: %d card(s) in %.1f ms", service_id, len(answer["cards"]), (time.monotonic() - started) * 1000)
         return Response(orjson.dumps(answer), media_type="application/json")
 

@@ -1,37 +1,44 @@
-"""Assessment -> CDS Hooks 2.0 cards.
+"""Assessment -> CDS Hooks 2.0 cards, one per decision, in the clinician layer of text.
 
 Which cards, and why:
 
 - **No card** when the category is `not-applicable` (not on, or no longer on, an aromatase
   inhibitor): the service has nothing to say about AIBL then.
-- **The assessment card** (`kind` assessment): the category, the risk factors, every
-  recommendation with the rules and FHIR references behind it, the flags. Indicator
-  `warning` for high and moderate risk, `info` for low and indeterminate. Suggestions:
-  record the bone health plan (a RiskAssessment and a CarePlan, from `careplan.py`), and,
-  when a DXA is recommended (`dxa-now`, `dxa-12m`, ...), a ServiceRequest for it (SNOMED CT
-  312681000, from the recommendation catalogue) dated by the catalogue's timing.
-  `selectionBehavior: any`: both may be taken.
+- **The assessment card** (`kind` assessment): the category with the values that decided it
+  (the T-score with its site and date, the risk factors in words), the actions, the drugs the
+  safety checks rule out with the measured value and its date, and the data notes that change
+  what to do. Indicator `warning` for high and moderate risk, `info` for low and
+  indeterminate. Suggestions: record the bone health plan (a RiskAssessment and a CarePlan,
+  from `careplan.py`), and, when a DXA is recommended, a ServiceRequest for it dated by the
+  catalogue's timing. `selectionBehavior: any`: both may be taken.
 - **The treatment card** (`kind` treatment), when a recommendation proposes an
-  antiresorptive: one MedicationRequest suggestion per product the catalogue lists for it
-  (denosumab, zoledronic acid, risedronate), minus every product an active safety block
-  names (`safety.py`): a blocked drug is never suggested. `selectionBehavior: at-most-one`,
-  because the products are alternatives. Its indicator is the assessment card's.
+  antiresorptive: why (with its citation), the checks before the first dose, and one
+  MedicationRequest suggestion per product the catalogue lists, minus every product an active
+  safety block names (`safety.py`): a blocked drug is never suggested. `selectionBehavior:
+  at-most-one`, because the products are alternatives.
 - **Safety cards** (`kind` safety), order-select only: one per draft MedicationRequest in
-  `context.draftOrders` for a drug an active safety block names. These are the only
-  `critical` cards: "critical" means the order being written conflicts with a
-  contraindication the assessment found, not that the risk is high. They carry a
-  suggestion to remove the draft order, and are never suppressed by feedback.
+  `context.draftOrders` for a drug an active safety block names, with the measured value and
+  its date and the label's limit. These are the only `critical` cards. They carry a suggestion
+  to remove the draft order, and are never suppressed by feedback.
+
+Every string a clinician reads comes from `clinician_text.py` (the catalogue's `clinician`
+fields, the safety table's `display`/`reason`/`limit`): no rule ids, resource references,
+catalogue codes or specification references, and no paragraph is repeated across the cards of
+one answer. Reviewer material (rules, ruleset) travels in the suggested resources' structured
+fields (`careplan.py`'s extensions) and in the write-back's Provenance; integration notes (prefetched resources
+about another patient, resources that failed validation) go to the log, never to a card.
 
 Every resource a suggestion creates is built with the fhir.resources R4B models (so it is
-valid R4 before it leaves), is a draft, and names the rules and the ruleset behind it.
+valid R4 before it leaves) and is a draft.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import re
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,9 +53,10 @@ from fhir.resources.R4B.period import Period
 from fhir.resources.R4B.reference import Reference
 from fhir.resources.R4B.servicerequest import ServiceRequest
 
-from ..assessment import Assessment, Finding
-from ..careplan import AI_STATUS_TEXT, CATEGORY_DISPLAY, Catalogue, ProductSpec, RecommendationEntry, build_resources, business_identifier
-from ..errors import AiblError
+from ..assessment import Assessment
+from ..careplan import Catalogue, ProductSpec, RecommendationEntry, build_resources, business_identifier, rule_extensions
+from ..clinician_text import CATEGORY_WORDS, ClinicianText, PatientValues, capitalised, fill, joined, split_notes
+from ..facts import FactSet
 from ..rulebook import Rulebook
 from ..terminology import Terminology
 from .fhirjson import as_json
@@ -64,9 +72,15 @@ from .safety import (
 )
 from .settings import Settings
 
+log = logging.getLogger("fhir_aibl.cds")
+
 SUMMARY_MAX = 140
+#: The target length of the assessment card's detail (Markdown characters): readable without
+#: scrolling in a 700 px card column. tests/cds/test_cards.py holds every worked example to it.
+DETAIL_TARGET = 600
 SUGGESTION_SYSTEM = "urn:fhir-aibl:cds-suggestion"
 TOPIC = {"system": "urn:fhir-aibl:cds-topic", "code": "aibl", "display": "Aromatase-inhibitor-associated bone loss"}
+NOTE = "Proposed by the AIBL bone health service for clinician review; nothing has been ordered."
 
 #: How bad a category is, for "unless the category worsens": an indeterminate category (the
 #: DXA went missing or stale) ranks above low, because it means the reassurance of "low" no
@@ -74,23 +88,20 @@ TOPIC = {"system": "urn:fhir-aibl:cds-topic", "code": "aibl", "display": "Aromat
 CATEGORY_RANK = {"not-applicable": 0, "low": 1, "indeterminate": 2, "moderate": 3, "high": 4}
 INDICATOR = {"high": "warning", "moderate": "warning", "low": "info", "indeterminate": "info"}
 
-RISK_FACTOR_TEXT = {
-    "age-over-65": "age over 65",
-    "low-bmi": "low body-mass index (below 20)",
-    "parental-hip-fracture": "parental hip fracture",
-    "glucocorticoids": "oral glucocorticoids for more than 6 months",
-    "smoking": "smoking (current or former)",
-    "alcohol": "alcohol 3 or more units a day",
-    "rheumatoid-arthritis": "rheumatoid arthritis",
-    "hypogonadism-or-premature-menopause": "hypogonadism or premature menopause",
-}
-SITE_TEXT = {"LS": "lumbar spine", "TH": "total hip", "FN": "femoral neck", "FA": "forearm", "forearm": "forearm"}
 #: Which recommendation the one-line summary names first: the most consequential action.
 SUMMARY_PRIORITY = (
     "potent-ar", "switch-iv", "za-4mg-q6m", "oral-bp", "dmab-transition", "dxa-now", "dxa-obtain-result", "specialist",
-    "dental-review", "secondary-causes", "dxa-12m", "dxa-12-24m", "dxa-24m",
+    "dental-review", "secondary-causes", "post-ai", "adherence", "e2-monitor", "dxa-12m", "dxa-12-24m", "dxa-24m",
 )
-_DOI = re.compile(r"doi:\s*(10\.\d{4,9}/[^\s;,]+[^\s;,.])", re.IGNORECASE)
+#: Advice for everyone on an aromatase inhibitor: one short line on the card, not a bullet each.
+GENERAL = {"ca-vitd": "calcium and vitamin D", "exercise": "exercise", "btm-optional": None}
+#: Checks before the first dose: on the treatment card when there is one, else on the main card.
+CHECKS = ("ci-check", "dental-review")
+#: Flags whose message is the safety line's (the drugs ruled out, with the value): not repeated.
+SAFETY_FLAGS = frozenset({"crcl-below-35", "crcl-below-30", "denosumab-ckd-mbd", "hypocalcaemia", "vitamin-d-repletion"})
+#: The service's validation note (app.py): the one integration note that also changes the decision.
+_INVALID = re.compile(r"^(\d+) resource\(s\) failed FHIR R4 validation")
+_REF = re.compile(r"\b[A-Z][A-Za-z]+/[A-Za-z0-9\-.]+(?:/_history/[A-Za-z0-9\-.]+)?")
 
 
 @dataclass
@@ -104,27 +115,6 @@ class IssuedCard:
 def _summary(text: str) -> str:
     text = " ".join(text.split())
     return text if len(text) <= SUMMARY_MAX else text[: SUMMARY_MAX - 1].rstrip() + "…"
-
-
-def _code(text: str) -> str:
-    return f"`{text}`"
-
-
-def _refs(refs: Iterable[str]) -> str:
-    refs = list(dict.fromkeys(refs))
-    return ", ".join(_code(r) for r in refs) if refs else "none"
-
-
-def _why(finding: Any, base: Iterable[str] = ()) -> str:
-    """'*Why:* rules ...; evidence ...' for a finding, leaving out the rules of `base` (the
-    category's or the AI status's chain, already shown above) so each line says what is its own."""
-    if finding is None:
-        return ""
-    base = set(base)
-    own = [r for r in finding.rules if r not in base]
-    rules = ", ".join(own or finding.rules)
-    also = " (after the rules above)" if own and len(own) < len(finding.rules) else ""
-    return f"*Why:* rules {rules}{also}; evidence {_refs(finding.evidence)}."
 
 
 def _json(resource: Any) -> dict:
@@ -145,6 +135,30 @@ def _by_priority(codes: Iterable[str]) -> list[str]:
     return sorted(codes, key=lambda c: (SUMMARY_PRIORITY.index(c) if c in SUMMARY_PRIORITY else 99, c))
 
 
+def _sentence(text: str) -> str:
+    return capitalised(text.strip())
+
+
+@dataclass
+class _Context:
+    """One build: the assessment, its clinician text, its safety blocks."""
+
+    assessment: Assessment
+    text: ClinicianText
+    blocks: list[ActiveBlock]
+
+    def ruled_out(self, blocks: Iterable[ActiveBlock] | None = None) -> list[str]:
+        """'alendronate and zoledronic acid 5 mg (creatinine clearance 32 mL/min on 12 Feb 2026)', one per deciding value."""
+        groups: dict[str, list[str]] = {}
+        for block in self.blocks if blocks is None else blocks:
+            value = fill(block.reason, self.text.values.phrases()) if block.reason else ""
+            words = block.drugs.words()
+            names = groups.setdefault(value, [])
+            if words not in names:
+                names.append(words)
+        return [f"{joined(names)} ({value})" if value else joined(names) for value, names in groups.items()]
+
+
 class CardBuilder:
     def __init__(
         self,
@@ -153,25 +167,16 @@ class CardBuilder:
         safety: SafetyTable,
         terminology: Terminology,
         rulebook: Rulebook | None = None,
+        view_link: Callable[[Assessment], dict | None] | None = None,
     ):
         self.settings = settings
         self.catalogue = catalogue
         self.safety = safety
         self.terminology = terminology
         self.rulebook = rulebook
-
-    def _rule_text(self, finding: Finding) -> str | None:
-        """The clinician text of the rule that produced a finding (the last of its chain that has one)."""
-        if self.rulebook is None:
-            return None
-        for rule_id in reversed(finding.rules):
-            try:
-                detail = self.rulebook.rule(rule_id).detail
-            except (KeyError, AiblError):
-                continue
-            if detail:
-                return detail
-        return None
+        #: The slot for a later view of the patient (a SMART app link): called per assessment,
+        #: returns a CDS Hooks link ({label, url, type, appContext?}) or None.
+        self.view_link = view_link
 
     # -- public --------------------------------------------------------------------------
     def build(
@@ -180,43 +185,68 @@ class CardBuilder:
         *,
         draft_orders: Sequence[dict] = (),
         data_notes: Sequence[str] = (),
+        facts: FactSet | None = None,
+        resources: Iterable[dict] | None = None,
     ) -> list[IssuedCard]:
+        """The cards of one assessment. `data_notes` are integration notes (prefetch, validation):
+        logged, never shown. `facts` and `resources` give the values and dates the text names."""
+        values = PatientValues(assessment, facts, resources)
+        notes, for_log = split_notes(facts.problems if facts else (), values)
+        for note in data_notes:
+            # Resources the rules would read that failed validation were not used: that changes
+            # what the record says, so the clinician hears how many (never which, nor why).
+            invalid = _INVALID.match(note)
+            if invalid:
+                n = int(invalid.group(1))
+                notes.append(f"{n} result{'s' if n > 1 else ''} on record could not be read and "
+                             f"{'were' if n > 1 else 'was'} not used: check the chart.")
+        self._log(assessment, [*data_notes, *for_log])
         if assessment.category == "not-applicable":
             return []
-        blocks = active_blocks(self.safety, assessment, self._rule_text)
+        blocks = active_blocks(self.safety, assessment)
+        for block in blocks:
+            if not block.known:
+                log.warning("safety table names no drugs for the blocked agent %r: every antiresorptive is held", block.id)
+        ctx = _Context(assessment, ClinicianText(self.catalogue, values), blocks)
         cards: list[IssuedCard] = []
         for order in draft_orders:
-            card = self._safety_card(assessment, order, blocks)
+            card = self._safety_card(ctx, order)
             if card is not None:
                 cards.append(card)
-        treatment, offered = self._treatment_card(assessment, blocks)
-        cards.append(self._assessment_card(assessment, blocks, data_notes, offered))
+        treatment, offered, held = self._treatment_card(ctx)
+        cards.append(self._assessment_card(ctx, notes, offered, held, treatment is not None))
         if treatment is not None:
             cards.append(treatment)
         return cards
 
+    def _log(self, assessment: Assessment, notes: Sequence[str]) -> None:
+        for note in notes:
+            if self.settings.log_patient_data:
+                log.warning("%s: %s", assessment.patient, note)
+            else:  # the kind of resource, not which one
+                log.warning("data note: %s", _REF.sub(lambda m: m.group(0).split("/")[0], note))
+
     # -- shared parts ----------------------------------------------------------------------
     def _source(self) -> dict:
         source: dict[str, Any] = {"label": self.settings.source_label, "topic": dict(TOPIC)}
-        if self.settings.source_url:
-            source["url"] = self.settings.source_url
+        url = self.settings.source_url or (
+            f"{self.settings.public_base_url.rstrip('/')}/about" if self.settings.public_base_url else None
+        )
+        if url:
+            source["url"] = url
         return source
 
-    def _links(self, codes: Iterable[str]) -> list[dict]:
-        links = [{"label": link.label, "url": link.url, "type": "absolute"} for link in self.settings.links]
+    def _links(self, ctx: _Context, codes: Iterable[str]) -> list[dict]:
+        links = []
+        view = self.view_link(ctx.assessment) if self.view_link else None
+        if view:
+            links.append(dict(view))
+        links += [{"label": link.label, "url": link.url, "type": "absolute"} for link in self.settings.links]
         seen = {link["url"] for link in links}
-        for code in codes:
-            entry = self.catalogue.recommendations.get(code) or self.catalogue.flags.get(code)
-            for key in entry.citation if entry else ():
-                text = self.catalogue.citations.get(key, "")
-                match = _DOI.search(text)
-                if not match:
-                    continue
-                url = f"https://doi.org/{match.group(1)}"
-                if url not in seen:
-                    seen.add(url)
-                    label = text.split(".")[0]
-                    links.append({"label": label[:100], "url": url, "type": "absolute"})
+        for cite in ctx.text.citations(codes):
+            if cite.url and cite.url not in seen:
+                seen.add(cite.url)
+                links.append({"label": cite.text[:100], "url": cite.url, "type": "absolute"})
         return links
 
     def _override_reasons(self) -> list[dict]:
@@ -226,109 +256,90 @@ class CardBuilder:
         base = business_identifier(assessment).value
         return Identifier(system=SUGGESTION_SYSTEM, value="-".join((base, *parts)))
 
-    def _provenance(self, assessment: Assessment, rules: Iterable[str]) -> str:
-        return (
-            f"Proposed by fhir-aibl (ruleset {assessment.ruleset.name}) for clinician review. "
-            f"Rules: {', '.join(dict.fromkeys(rules)) or 'none recorded'}."
-        )
-
     # -- the assessment card -----------------------------------------------------------------
     def _assessment_card(
-        self, a: Assessment, blocks: list[ActiveBlock], data_notes: Sequence[str], offered: Sequence[str]
+        self, ctx: _Context, notes: Sequence[str], offered: Sequence[str], held: Sequence[str], has_treatment: bool
     ) -> IssuedCard:
-        category = CATEGORY_DISPLAY[a.category]
-        lead = next((c for c in SUMMARY_PRIORITY if c in a.recommendations), None) or next(iter(a.recommendations), None)
-        status = "" if a.ai_status == "active" else f" (aromatase inhibitor {a.ai_status})"
-        summary = f"AIBL bone-loss risk: {a.category}{status}"
+        a = ctx.assessment
+        lead = next((c for c in SUMMARY_PRIORITY if c in a.recommendations), None)
+        summary = CATEGORY_WORDS[a.category] + (
+            " on an aromatase inhibitor" if a.ai_status == "active" else f", aromatase inhibitor {a.ai_status}"
+        )
+        if a.selected_t:
+            summary += f" ({a.selected_t[0].score}-score {a.selected_t[0].value:.1f})"
         if lead:
-            summary += f". {self.catalogue.recommendations[lead].title}"
-        suggestions = [self._plan_suggestion(a)]
-        dxa = self._dxa_suggestion(a)
+            title = self.catalogue.recommendations[lead].title
+            summary += ": " + (title[0].lower() + title[1:] if title[1:2].islower() else title)
+        suggestions = [self._plan_suggestion(ctx)]
+        dxa = self._dxa_suggestion(ctx)
         if dxa is not None:
             suggestions.append(dxa)
         card = {
             "uuid": _uuid(),
             "summary": _summary(summary),
             "indicator": INDICATOR[a.category],
-            "detail": self._detail(a, category, blocks, data_notes, offered),
+            "detail": self._detail(ctx, notes, offered, held, has_treatment),
             "source": self._source(),
             "suggestions": suggestions,
             "selectionBehavior": "any",
             "overrideReasons": self._override_reasons(),
-            "links": self._links([*a.recommendations, *a.flags]),
+            # The citations of the drugs are on the treatment card; these are the rest.
+            "links": self._links(ctx, [*(c for c in _by_priority(a.recommendations) if c not in offered), *a.flags]),
         }
         return IssuedCard(card, "assessment", suppressible=True, suggestion_ids=[s["uuid"] for s in suggestions])
 
     def _detail(
-        self, a: Assessment, category: str, blocks: list[ActiveBlock], data_notes: Sequence[str], offered: Sequence[str]
+        self, ctx: _Context, notes: Sequence[str], offered: Sequence[str], held: Sequence[str], has_treatment: bool
     ) -> str:
-        status = a.finding("ai-status", a.ai_status)
-        status_rules = status.rules if status else ()
-        lines = [
-            f"**AIBL risk category: {category}** (aromatase inhibitor {AI_STATUS_TEXT[a.ai_status]}; "
-            f"assessed as of {a.as_of.isoformat()})",
-            "",
-        ]
-        cat = a.finding("category", a.category)
-        cat_rules = cat.rules if cat else ()
-        if cat is not None:
-            lines += [f"*Why this category:* rules {', '.join(cat.rules)}; evidence {_refs(cat.evidence)}.", ""]
-        if a.selected_t:
-            t = a.selected_t[0]
-            lines += [f"**T-score used:** {t.value:+.1f} at the {SITE_TEXT.get(t.site, t.site)} ({_refs(t.evidence)})", ""]
-        else:
-            lines += ["**T-score used:** none valid in the last 24 months", ""]
-        if a.risk_factors:
-            lines.append(f"**Risk factors ({len(a.risk_factors)}):**")
-            for rf in a.risk_factors:
-                lines.append(f"- {RISK_FACTOR_TEXT.get(rf, rf)}. {_why(a.finding('risk-factor', rf), status_rules)}")
-        else:
-            lines.append("**Risk factors:** none found")
-        lines.append("")
-        if a.recommendations:
-            lines.append("**Recommendations:**")
-            for code in _by_priority(a.recommendations):
-                entry = self.catalogue.recommendations[code]
-                why = _why(a.finding("recommendation", code), cat_rules)
-                if code in offered:
-                    # Its products are the suggestions of the treatment card, with the full text.
-                    lines.append(f"- **{entry.title}** (`{code}`; options on the treatment card). {why}")
-                else:
-                    lines.append(f"- **{entry.title}** (`{code}`). {entry.text} {why}")
-            lines.append("")
-        if a.flags:
-            lines.append("**Flags:**")
-            for code in a.flags:
-                entry = self.catalogue.flags.get(code)
-                title, text, severity = (entry.title, entry.text, entry.severity) if entry else (code, "", "info")
-                # what the rule says of this patient where it names a date or a value (the DXA on record, a FRAX result)
-                specifics = " ".join(
-                    dict.fromkeys(
-                        f.detail for f in a.findings_of("flag") if f.code == code and f.detail and (f.date or f.value is not None)
-                    )
-                )
-                text = f"{text} {specifics}" if specifics else text
-                lines.append(f"- **{title}** (`{code}`, {severity}). {text} {_why(a.finding('flag', code), cat_rules)}")
-            lines.append("")
-        tools = [f.detail for f in a.findings_of("risk-tool") if f.detail]
-        if tools:
-            lines.append("**Risk tools on record:**")
-            lines += [f"- {detail}" for detail in tools]
-            lines.append("")
-        if blocks:
-            lines.append("**Safety blocks (these drugs are not suggested):**")
-            for item in blocks:
-                lines.append(f"- `{item.id}`: {item.reason} {_why(item.finding, cat_rules)}")
-            lines.append("")
-        if data_notes:
-            lines.append("**Data notes:**")
-            lines += [f"- {note}" for note in data_notes]
-            lines.append("")
-        lines.append(f"*Ruleset `{a.ruleset.name}`. Proposals for clinician review: nothing has been ordered.*")
-        return "\n".join(lines)
+        """The main card's detail: the fullest version that fits DETAIL_TARGET, shortening in
+        steps (flag reasons, then flags' values in words) so that the deciding values and every
+        action stay; the headline, the safety line and the data notes are never dropped."""
+        text = None
+        for level in range(3):
+            text = self._detail_at(ctx, notes, offered, held, has_treatment, level)
+            if len(text) <= DETAIL_TARGET:
+                break
+        return text
 
-    def _plan_suggestion(self, a: Assessment) -> dict:
-        risk, plan = build_resources(a, self.catalogue)
+    def _detail_at(
+        self, ctx: _Context, notes: Sequence[str], offered: Sequence[str], held: Sequence[str], has_treatment: bool, level: int
+    ) -> str:
+        a, text = ctx.assessment, ctx.text
+        paragraphs = [text.values.headline()]
+        bullets: list[str] = []
+        general: list[str] = []
+        for code in _by_priority(a.recommendations):
+            entry = self.catalogue.recommendations[code]
+            if code in GENERAL:
+                if GENERAL[code]:
+                    general.append(GENERAL[code])
+                continue
+            if has_treatment and code in CHECKS:
+                continue  # on the treatment card, with the drugs they are for
+            if code in offered:
+                bullets.append(f"{entry.title}: choose on the next card.")
+            elif code in held:
+                bullets.append(f"{entry.title}: every option is ruled out for now (below)." if level == 0 else f"{entry.title}: ruled out for now.")
+            else:
+                bullets.append(text.action(code) if level == 0 else entry.title + ".")
+        for code in a.flags:
+            entry = self.catalogue.flags.get(code)
+            if entry is None or entry.severity != "warning" or (code in SAFETY_FLAGS and ctx.blocks):
+                continue
+            bullets.append(text.sentence(code) if level < 2 else text.action(code))
+        ruled_out = ctx.ruled_out()
+        if ruled_out:
+            bullets.append("**Ruled out by the safety checks:** " + "; ".join(ruled_out) + ".")
+        bullets += notes
+        if bullets:
+            paragraphs.append("\n".join(f"- {b}" for b in dict.fromkeys(bullets)))
+        if general:
+            paragraphs.append(f"Also: {', '.join(general)}.")
+        return "\n\n".join(paragraphs)
+
+    def _plan_suggestion(self, ctx: _Context) -> dict:
+        a = ctx.assessment
+        risk, plan = build_resources(a, self.catalogue, values=ctx.text.values)
         plan_json = _json(plan)
         # The CarePlan points at its RiskAssessment by the urn:uuid of a transaction entry;
         # a suggestion creates resources one by one, so keep the logical reference
@@ -337,13 +348,13 @@ class CardBuilder:
             if str(info.get("reference", "")).startswith("urn:uuid:"):
                 del info["reference"]
         return {
-            "label": "Record the AIBL bone health plan (CarePlan and RiskAssessment)",
+            "label": "Record the bone health plan",
             "uuid": _uuid(),
             "isRecommended": True,
             "actions": [
                 {
                     "type": "create",
-                    "description": f"Record the AIBL risk assessment: {CATEGORY_DISPLAY[a.category]}",
+                    "description": f"Record the bone-loss risk assessment: {CATEGORY_WORDS[a.category]}",
                     "resource": _json(risk),
                 },
                 {
@@ -354,7 +365,8 @@ class CardBuilder:
             ],
         }
 
-    def _dxa_suggestion(self, a: Assessment) -> dict | None:
+    def _dxa_suggestion(self, ctx: _Context) -> dict | None:
+        a = ctx.assessment
         order = ("dxa-now", "dxa-12m", "dxa-12-24m", "dxa-24m")
         code = next((c for c in order if c in a.recommendations), None)
         if code is None:
@@ -381,13 +393,14 @@ class CardBuilder:
             occurrence["occurrenceDateTime"] = _later(a.as_of, timing.value, timing.unit)
         request = ServiceRequest(
             identifier=[self._identifier(a, code)],
+            extension=rule_extensions(a, rules),
             status="draft",
             intent="order",
             code=CodeableConcept(coding=codings, text=entry.title),
             subject=Reference(reference=a.patient),
-            reasonCode=[CodeableConcept(text=f"AIBL risk {a.category}: {entry.title}")],
+            reasonCode=[CodeableConcept(text=_sentence(ctx.text.sentence(code)))],
             reasonReference=[Reference(reference=r) for r in dict.fromkeys(reasons)] or None,
-            note=[Annotation(text=self._provenance(a, rules))],
+            note=[Annotation(text=NOTE)],
             **occurrence,
         )
         return {
@@ -408,13 +421,15 @@ class CardBuilder:
                 out.append(product)
         return out
 
-    def _treatment_card(self, a: Assessment, blocks: list[ActiveBlock]) -> tuple[IssuedCard | None, list[str]]:
-        """The treatment card (or None) and the recommendations whose products it offers."""
+    def _treatment_card(self, ctx: _Context) -> tuple[IssuedCard | None, list[str], list[str]]:
+        """The treatment card (or None), the recommendations whose products it offers, and those
+        whose every product the safety checks rule out."""
+        a = ctx.assessment
         suggestions: list[dict] = []
-        blocked_lines: list[str] = []
+        not_offered: list[ActiveBlock] = []
         offered_recs: list[str] = []
+        held_recs: list[str] = []
         products_offered: list[str] = []
-        cat = a.finding("category", a.category)
         for code in _by_priority(a.recommendations):
             entry = self.catalogue.recommendations.get(code)
             if entry is None or entry.kind != "medication":
@@ -426,60 +441,64 @@ class CardBuilder:
             for product in products:
                 coding = product.code.model_dump()
                 dose = quantity_mg(product.dose.value, product.dose.unit) if product.dose else None
-                hits = blocks_for(blocks, self.terminology.match("medications", coding), coding, dose)
+                hits = blocks_for(ctx.blocks, self.terminology.match("medications", coding), coding, dose)
                 if hits:
-                    blocked_lines.append(
-                        f"- {product.display} {product.dosage} is not offered: " + "; ".join(f"`{h.id}`: {h.reason}" for h in hits)
-                    )
+                    not_offered.extend(h for h in hits if h not in not_offered)
                     continue
-                suggestions.append(self._medication_suggestion(a, code, entry, product, f.rules if f else ()))
+                suggestions.append(self._medication_suggestion(ctx, code, entry, product, f.rules if f else ()))
                 products_offered.append(product.display)
                 if code not in offered_recs:
                     offered_recs.append(code)
+            if code not in offered_recs:
+                held_recs.append(code)
         if not suggestions:
-            return None, []
-        check = " after the contraindication check" if "ci-check" in a.recommendations else ""
-        lines = [f"**Antiresorptive options{check}** for AIBL risk {a.category}: choose at most one.", ""]
+            return None, [], held_recs
+        checks = [c for c in CHECKS if c in a.recommendations]
+        names = joined(list(dict.fromkeys(products_offered)), "or")
+        lines = [f"**Choose at most one: {names}**" + (", after the checks below." if checks else ".")]
         for code in offered_recs:
-            entry = self.catalogue.recommendations[code]
-            why = _why(a.finding("recommendation", code), cat.rules if cat else ())
-            lines.append(f"- **{entry.title}** (`{code}`). {entry.text} {why}")
-        if "ci-check" in a.recommendations:
-            ci = self.catalogue.recommendations.get("ci-check")
-            if ci is not None:
-                lines += ["", f"**{ci.title}:** {ci.text}"]
-        if blocked_lines:
-            lines += ["", "**Not offered (safety blocks):**", *blocked_lines]
-        lines += ["", f"*Ruleset `{a.ruleset.name}`. Proposals for clinician review: nothing has been ordered.*"]
-        names = " or ".join(dict.fromkeys(products_offered))
+            why = ctx.text.why(code)
+            if why:
+                lines.append(_sentence(why) + (" " if why.endswith(".") else ". ") + self._cite(ctx, code))
+        if checks:
+            lines.append("\n".join(f"- {ctx.text.action(c)}" for c in checks))
+        if not_offered:
+            lines.append("Not offered: " + "; ".join(ctx.ruled_out(not_offered)) + ".")
         card = {
             "uuid": _uuid(),
-            "summary": _summary(f"AIBL risk {a.category}: antiresorptive options ({names})"),
+            "summary": _summary(f"Bone protection, {CATEGORY_WORDS[a.category][0].lower()}{CATEGORY_WORDS[a.category][1:]}: {names}"),
             "indicator": INDICATOR[a.category],
-            "detail": "\n".join(lines),
+            "detail": "\n\n".join(lines),
             "source": self._source(),
             "suggestions": suggestions,
             "selectionBehavior": "at-most-one",
             "overrideReasons": self._override_reasons(),
-            "links": self._links(offered_recs),
+            "links": self._links(ctx, offered_recs),
         }
-        return IssuedCard(card, "treatment", suppressible=True, suggestion_ids=[s["uuid"] for s in suggestions]), offered_recs
+        issued = IssuedCard(card, "treatment", suppressible=True, suggestion_ids=[s["uuid"] for s in suggestions])
+        return issued, offered_recs, held_recs
+
+    def _cite(self, ctx: _Context, code: str) -> str:
+        cites = ctx.text.citations([code])
+        return f"({'; '.join(c.markdown() for c in cites[:2])})" if cites else ""
 
     def _medication_suggestion(
-        self, a: Assessment, code: str, entry: RecommendationEntry, product: ProductSpec, rules: Sequence[str]
+        self, ctx: _Context, code: str, entry: RecommendationEntry, product: ProductSpec, rules: Sequence[str]
     ) -> dict:
+        a = ctx.assessment
         dose = [DosageDoseAndRate(doseQuantity=product.dose.fhir())] if product.dose else None
         request = MedicationRequest(
             identifier=[self._identifier(a, code, product.code.code)],
+            extension=rule_extensions(a, rules),
             status="draft",
             intent="order",
             medicationCodeableConcept=CodeableConcept(coding=[product.code.fhir()], text=product.display),
             subject=Reference(reference=a.patient),
             dosageInstruction=[Dosage(text=product.text, route=CodeableConcept(text=product.route), doseAndRate=dose)],
-            reasonCode=[CodeableConcept(text=f"AIBL risk {a.category}: {entry.title}")],
-            note=[Annotation(text=self._provenance(a, rules))],
+            reasonCode=[CodeableConcept(text=f"{CATEGORY_WORDS[a.category]} on an aromatase inhibitor: {entry.title}")],
+            note=[Annotation(text=NOTE)],
         )
-        check = " (after the contraindication check)" if "ci-check" in a.recommendations else ""
+        check = " (after the contraindication check)" if any(c in a.recommendations for c in CHECKS) else ""
         return {
             "label": f"Order {product.display} {product.dosage} {product.route} {product.frequency}{check}",
             "uuid": _uuid(),
@@ -487,19 +506,23 @@ class CardBuilder:
         }
 
     # -- safety cards --------------------------------------------------------------------------
-    def _safety_card(self, a: Assessment, order: dict, blocks: list[ActiveBlock]) -> IssuedCard | None:
+    def _safety_card(self, ctx: _Context, order: dict) -> IssuedCard | None:
         concepts = medication_concepts(self.terminology, order)
-        hits = blocks_for(blocks, concepts, order.get("medicationCodeableConcept"), order_dose_mg(order))
+        hits = blocks_for(ctx.blocks, concepts, order.get("medicationCodeableConcept"), order_dose_mg(order))
         if not hits:
             return None
         drug = next((c.get("ingredient") for c in concepts if c.get("ingredient")), None) or (
             (order.get("medicationCodeableConcept") or {}).get("text") or "this drug"
         )
         drug = str(drug).replace("-", " ")
-        lines = [f"**The draft order for {drug} conflicts with a contraindication found in the record.**", ""]
+        phrases = ctx.text.values.phrases()
+        lines = [f"**Do not give {drug}: the record rules it out.**"]
         for h in hits:
-            lines.append(f"- `{h.id}`: {h.reason} {_why(h.finding)}")
-        lines += ["", f"*Ruleset `{a.ruleset.name}`. AIBL risk category: {CATEGORY_DISPLAY[a.category]}.*"]
+            value = fill(h.reason, phrases) if h.reason else ""
+            limit = h.drugs.limit or ""
+            line = " ".join(x for x in (limit, f"This patient: {value}." if value else "") if x)
+            if line and line not in lines:
+                lines.append(line)
         suggestions = []
         rid = order.get("id")
         if isinstance(rid, str) and rid:
@@ -513,16 +536,24 @@ class CardBuilder:
                     ],
                 }
             )
+        first = fill(hits[0].reason, phrases) if hits[0].reason else ""
         card: dict[str, Any] = {
             "uuid": _uuid(),
-            "summary": _summary(f"Contraindicated: draft {drug} order ({hits[0].id})"),
+            "summary": _summary(f"Contraindicated: draft {drug} order" + (f" ({first})" if first else "")),
             "indicator": "critical",
-            "detail": "\n".join(lines),
+            "detail": "\n\n".join(lines),
             "source": self._source(),
             "overrideReasons": self._override_reasons(),
-            "links": self._links(()),
+            "links": self._links(ctx, ()),
         }
         if suggestions:
             card["suggestions"] = suggestions
             card["selectionBehavior"] = "any"
         return IssuedCard(card, "safety", suppressible=False, suggestion_ids=[s["uuid"] for s in suggestions])
+
+
+def fill_source_url(cards: Iterable[dict], base_url: str) -> None:
+    """Give every card without a source url the service's own about page (`base_url` + about)."""
+    url = base_url.rstrip("/") + "/about"
+    for card in cards:
+        card.get("source", {}).setdefault("url", url)

@@ -18,7 +18,7 @@ recommendation), for gates expressed that way.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -53,7 +53,16 @@ class Drugs(_Model):
     codes: tuple[CodeRef, ...] = ()
     dose_mg_min: float | None = Field(default=None, description="only doses of at least this many mg")
     dose_mg_max: float | None = Field(default=None, description="only doses of at most this many mg")
-    reason: str | None = Field(default=None, description="shown when the rule that blocked gives no text")
+    display: str | None = Field(default=None, description="the drugs in words, for a clinician")
+    reason: str | None = Field(default=None, description="the deciding value: a clinician_text placeholder such as {crcl}")
+    limit: str | None = Field(default=None, description="the label's limit in one plain sentence")
+
+    def words(self) -> str:
+        """The drugs in words: `display`, else the ingredients and classes."""
+        if self.display:
+            return self.display
+        names = [i.replace("-", " ") for i in self.ingredients] + [f"every {c}" for c in self.classes]
+        return ", ".join(names) or "the drugs named by this check"
 
 
 class Trigger(_Model):
@@ -73,7 +82,12 @@ class SafetyTable(_Model):
     blocks: tuple[Block, ...] = ()
 
 
-UNKNOWN_AGENT = Drugs(classes=tuple(sorted(ANTIRESORPTIVE_CLASSES)))
+UNKNOWN_AGENT = Drugs(
+    classes=tuple(sorted(ANTIRESORPTIVE_CLASSES)),
+    display="every bisphosphonate and denosumab",
+    limit="A safety check found a problem this service cannot yet match to drugs: check kidney function, "
+    "calcium and vitamin D before prescribing any antiresorptive.",
+)
 
 
 def load_safety_table(path: str | Path | None = None) -> SafetyTable:
@@ -95,35 +109,36 @@ def load_safety_table(path: str | Path | None = None) -> SafetyTable:
 
 @dataclass(frozen=True)
 class ActiveBlock:
-    """A block that applies to this assessment: what it blocks, why, and the finding behind it."""
+    """A block that applies to this assessment: what it blocks, why, and the finding behind it.
+
+    `id` (the agent or block id) and `finding` (rules, evidence) are reviewer material; `reason`
+    (a clinician_text template: the deciding value) and `drugs.words()`/`drugs.limit` are what a
+    clinician reads. `known` is False for an agent the table does not name.
+    """
 
     id: str
     drugs: Drugs
     reason: str
     finding: Finding
+    known: bool = True
 
 
-def active_blocks(
-    table: SafetyTable, assessment: Assessment, rule_text: Callable[[Finding], str | None] = lambda f: None
-) -> list[ActiveBlock]:
+def active_blocks(table: SafetyTable, assessment: Assessment) -> list[ActiveBlock]:
     """Every block of this assessment: its `blocked` findings, then the table's other blocks."""
     out: list[ActiveBlock] = []
     for finding in assessment.findings_of("blocked"):
         drugs = table.agents.get(finding.code)
         if drugs is None:
-            reason = (
-                f"The rules block `{finding.code}`, which the safety table (fhir_aibl/cds/safety.yaml) does not "
-                "name; no antiresorptive is suggested until it does."
-            )
-            drugs = UNKNOWN_AGENT
+            out.append(ActiveBlock(finding.code, UNKNOWN_AGENT, "", finding, known=False))
         else:
-            reason = rule_text(finding) or drugs.reason or f"The rules block {finding.code}."
-        out.append(ActiveBlock(finding.code, drugs, reason, finding))
+            out.append(ActiveBlock(finding.code, drugs, drugs.reason or "", finding))
     for block in table.blocks:
         for trigger in block.when:
             finding = assessment.finding(trigger.kind, trigger.code)
             if finding is not None:
-                out.append(ActiveBlock(block.id, block.blocks, block.reason, finding))
+                # A table block's reason is a whole sentence (no measured value): it is the limit.
+                drugs = block.blocks if block.blocks.limit else block.blocks.model_copy(update={"limit": block.reason})
+                out.append(ActiveBlock(block.id, drugs, block.blocks.reason or "", finding))
                 break
     return out
 

@@ -79,9 +79,9 @@ def test_the_sandbox_request_with_its_real_token_is_accepted(make_app):
         # (not used, and said so on the card): indeterminate, DXA now.
         cards = response.json()["cards"]
         assert cards and cards[0]["indicator"] == "info"
-        assert "indeterminate" in cards[0]["summary"]
-        assert "`dxa-now`" in cards[0]["detail"]
-        assert "T-score with unit 'g/cm2'; not used" in cards[0]["detail"]
+        assert "not yet graded" in cards[0]["summary"]
+        assert "Order a DXA scan" in cards[0]["detail"]
+        assert "A DXA result on record could not be used" in cards[0]["detail"]
         assert f"Patient/{body['context']['patientId']}" in json.dumps(cards[0]["suggestions"])
         # The same token again is a replay.
         again = harness.hook(service_id, body, headers)

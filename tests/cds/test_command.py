@@ -111,7 +111,7 @@ def test_serve_for_real_on_loopback(tmp_path):
 
         request = patient_view_request(json.loads((ROOT / "fixtures" / "bundles" / "V06.json").read_text()))
         answer = requests.post(f"{base}/cds-services/aibl-patient-view", json=request, timeout=30)
-        assert answer.status_code == 200 and "risk: high" in answer.json()["cards"][0]["summary"]
+        assert answer.status_code == 200 and "High risk" in answer.json()["cards"][0]["summary"]
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -13,6 +13,7 @@ import json
 import re
 
 from fhir_aibl.cds.samples import patient_view_request
+from fhir_aibl.clinician_text import CATEGORY_WORDS
 
 from .conftest import BUNDLES, PV
 
@@ -54,7 +55,7 @@ def test_64_concurrent_requests_each_about_its_own_patient(make_app, expected, m
         if exp["category"] == "not-applicable":
             assert cards == [], pid
             continue
-        assert f"risk: {exp['category']}" in cards[0]["summary"], pid
+        assert CATEGORY_WORDS[exp["category"]] in cards[0]["summary"], pid
         text = json.dumps(cards)
         for rtype, rid in REFERENCE.findall(text):
             # Every resource of the fixtures carries its patient's id as prefix (v06, v06-dxa-ls).

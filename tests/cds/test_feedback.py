@@ -8,6 +8,7 @@ import copy
 import pytest
 
 from fhir_aibl.cds.samples import draft_medication_request, order_select_request, patient_view_request
+from fhir_aibl.clinician_text import CATEGORY_WORDS
 
 from .conftest import OS, PV, bundle
 
@@ -85,7 +86,7 @@ def test_a_worse_category_is_always_shown(harness):
     assert "assessment" not in kinds(harness.hook(PV, moderate).json()["cards"])
     high = with_t_score("V04", -2.6)  # same patient, a new DXA: high
     cards = harness.hook(PV, high).json()["cards"]
-    assert "risk: high" in cards[0]["summary"]
+    assert CATEGORY_WORDS["high"] in cards[0]["summary"]
 
 
 def test_new_data_that_changes_nothing_keeps_the_card_suppressed(harness):

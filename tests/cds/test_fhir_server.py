@@ -15,6 +15,7 @@ import pytest
 import requests
 
 from fhir_aibl.cds.samples import draft_medication_request
+from fhir_aibl.clinician_text import CATEGORY_WORDS
 
 from ..fhir_server import SekmetUnavailable, sekmet_server, unavailable
 from .conftest import OS, PV, bundle
@@ -66,7 +67,7 @@ def test_hook_without_prefetch_queries_the_allowlisted_server(make_app, fhir_bas
     response = harness.hook(PV, no_prefetch(case.lower(), fhir_base))
     assert response.status_code == 200, response.text
     cards = response.json()["cards"]
-    assert f"risk: {category}" in cards[0]["summary"]
+    assert CATEGORY_WORDS[category] in cards[0]["summary"]
     text = json.dumps(cards)
     assert f"Patient/{case.lower()}" in text
     assert not any(f"Patient/{other.lower()}" in text for other in CASES if other != case)
@@ -84,7 +85,7 @@ def test_order_select_without_prefetch(make_app, fhir_base):
     draft = draft_medication_request("v06", "199224", "anastrozole 1 MG Oral Tablet")
     request["context"]["draftOrders"] = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": draft}]}
     cards = harness.hook(OS, request).json()["cards"]
-    assert "risk: high" in cards[0]["summary"]
+    assert CATEGORY_WORDS["high"] in cards[0]["summary"]
 
 
 def test_an_unknown_patient_is_412(make_app, fhir_base):
