@@ -30,7 +30,6 @@ import yaml
 from .errors import RulesError
 
 #: The value sets shipped beside the rules (what `Assessor()` loads by default).
-DEFAULT_VALUESETS = Path(__file__).resolve().parent.parent / "rules" / "valuesets"
 #: Distinct (value set, system, code) look-ups remembered per Terminology. Real data uses a
 #: few thousand codes; the cap keeps memory bounded whatever a file throws at the reader.
 _LOOKUP_CACHE_MAX = 100_000
@@ -285,7 +284,9 @@ class Terminology:
 @functools.lru_cache(maxsize=None)
 def default_terminology() -> Terminology:
     """The shipped value sets, loaded once per process."""
-    return Terminology.load(DEFAULT_VALUESETS)
+    from .resources import ruleset_paths
+
+    return Terminology.load(ruleset_paths().valuesets)
 
 
 def _codings(codeable: Any) -> Iterable[dict]:

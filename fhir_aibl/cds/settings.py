@@ -198,9 +198,9 @@ class Settings(_Model):
     fetch_workers: int = Field(default=16, ge=1, description="threads running fallback FHIR queries")
     max_queued: int = Field(default=256, ge=1, description="requests waiting for a worker beyond which 503 is answered")
     as_of: dt.date | None = Field(default=None, description="reference date of every assessment; unset: today")
-    rules: Path | None = Field(default=None, description="rule file; unset: the shipped rules/aibl.yaml")
+    rules: Path | None = Field(default=None, description="ruleset: a folder holding aibl.yaml, or a rule file, with valuesets/ and recommendations.yaml beside it; unset: the ruleset shipped in the package")
     catalogue: Path | None = Field(default=None, description="recommendation catalogue; unset: recommendations.yaml beside the rules")
-    safety: Path | None = Field(default=None, description="safety-block table; unset: the shipped fhir_aibl/cds/safety.yaml")
+    safety: Path | None = Field(default=None, description="safety-block table; unset: the one shipped in the package (fhir_aibl/cds/safety.yaml)")
     prefetch: dict[str, str] | None = Field(
         default=None,
         description="replace the prefetch templates (key -> FHIR query with {{context.patientId}}); unset: the "
