@@ -103,7 +103,8 @@ def _parser() -> argparse.ArgumentParser:
         "--explain", action="store_true", help="with --format json: add as_of, ruleset and the rules and evidence of every finding"
     )
 
-    rules = _sub(sub, "rules", "review the ruleset as a whole", EXIT_CHECK)
+    rules = _sub(sub, "rules", "review the ruleset as a whole",
+                 "exit status: see `fhir-aibl rules check --help` and `fhir-aibl rules doc --help`")
     rules_sub = rules.add_subparsers(dest="rules_command", required=True, metavar="SUBCOMMAND")
     check = _sub(rules_sub, "check", "enumerate the decision space; exit 1 on a hole, a conflict or a dead rule", EXIT_CHECK)
     check.add_argument("--rules", type=Path, default=None, metavar="DIR-or-FILE", help=RULES_HELP)
