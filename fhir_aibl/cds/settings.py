@@ -184,8 +184,12 @@ class Settings(_Model):
         "equal {public_base_url}/cds-services/{id}. Unset: taken from each request's own URL, which is only "
         "right when no proxy rewrites it",
     )
-    patient_view_id: str = Field(default="aibl-patient-view", pattern=r"^[A-Za-z0-9._-]{1,64}$")
-    order_select_id: str = Field(default="aibl-order-select", pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    patient_view_id: str = Field(
+        default="aibl-patient-view", pattern=r"^[A-Za-z0-9._-]{1,64}$", description="id of the patient-view service"
+    )
+    order_select_id: str = Field(
+        default="aibl-order-select", pattern=r"^[A-Za-z0-9._-]{1,64}$", description="id of the order-select service"
+    )
     allow_unsigned: bool = Field(
         default=False, description="accept requests without a valid JWT: local development only; logged loudly"
     )
@@ -212,7 +216,7 @@ class Settings(_Model):
     log_patient_data: bool = Field(
         default=False, description="DEBUG ONLY: log patient ids and categories; off, logs carry no patient data"
     )
-    source_label: str = Field(default="fhir-aibl: AIBL bone health", min_length=1)
+    source_label: str = Field(default="fhir-aibl: AIBL bone health", min_length=1, description="the cards' source.label")
     source_url: str | None = Field(default=None, description="a page about this service, shown as the card source link")
     links: list[Link] = Field(default_factory=lambda: list(DEFAULT_LINKS), description="guideline links on every card")
     override_reasons: list[Coding] = Field(
