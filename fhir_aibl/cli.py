@@ -311,7 +311,12 @@ def _rules_command(args: argparse.Namespace) -> int:
     from .ruledoc import write_docs
 
     if args.rules_command == "doc":
-        md, html_path = write_docs(Assessor(args.rules), args.out)
+        assessor = Assessor(args.rules)
+        try:
+            md, html_path = write_docs(assessor, args.out)
+        except OSError as exc:
+            _err(f"fatal: cannot write into {args.out}: {exc.strerror or exc}")
+            return 2
         print(f"wrote {md} and {html_path}")
         return 0
     modes = args.mode or list(Assessor(args.rules).rulebook.modes)

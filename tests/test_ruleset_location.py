@@ -144,3 +144,11 @@ def test_no_module_finds_data_by_walking_up():
         if re.search(r"__file__\)?\.resolve\(\)\.parent\.parent|__file__\)?\.resolve\(\)\.parents\[", text):
             offenders.append(str(path.relative_to(ROOT)))
     assert not offenders
+
+
+def test_rules_doc_into_a_folder_that_cannot_be_made_exits_2(capsys, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code, out, err = run(capsys, "rules", "doc", "--out", blocker / "docs")
+    assert code == 2
+    assert err.startswith("fatal: cannot write into") and "Traceback" not in err

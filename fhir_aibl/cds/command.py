@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="accept requests without a valid JWT: LOCAL DEVELOPMENT ONLY",
     )
     parser.add_argument("--rules", type=Path, default=None, metavar="DIR-or-FILE",
-                        help=RULES_HELP.replace("(default:", "; overrides the settings file's `rules` (default:"))
+                        help=RULES_HELP.replace(" (default:", "; it overrides the settings file's `rules` (default:"))
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                         help="lowest level of log messages written to stderr (default: info)")
 
