@@ -40,14 +40,16 @@ case "$PKG" in "$WORK"/env/*) ;; *) echo "check_wheel: fhir_aibl imported from $
 EXAMPLES=$("$BIN/python" -c 'from fhir_aibl.resources import examples_dir; print(examples_dir())')
 case "$EXAMPLES" in "$PKG"/*) ;; *) echo "check_wheel: worked examples at $EXAMPLES, not in the package"; exit 1;; esac
 test -f "$PKG/rules/aibl.yaml" && test -d "$PKG/rules/valuesets" && test -f "$PKG/rules/recommendations.yaml"
-ls "$WORK"/env/lib/python*/site-packages/fhir_aibl-*.dist-info/licenses/LICENSE > /dev/null
+test -n "$(find "$WORK"/env/lib/python*/site-packages/fhir_aibl-*.dist-info -name LICENSE)" \
+    || { echo "check_wheel: the wheel carries no LICENSE"; exit 1; }
 
 "$BIN/fhir-aibl" --version
 
 step "demo"
 "$BIN/fhir-aibl" demo --out "$WORK/demo" > "$WORK/demo.txt"
 tail -3 "$WORK/demo.txt"
-grep -q "^52 patients assessed, 0 inputs rejected.$" "$WORK/demo.txt"
+N=$(find "$EXAMPLES/bundles" -name '*.json' | wc -l)
+grep -q "^$N patients assessed, 0 inputs rejected.$" "$WORK/demo.txt" || { echo "check_wheel: the demo did not assess the $N worked examples"; exit 1; }
 test -s "$WORK/demo/careplans-bundle.json" && test -s "$WORK/demo/assessments.json"
 
 step "assess a worked example"
