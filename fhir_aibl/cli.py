@@ -31,6 +31,9 @@ from .errors import AiblError, NoUsableDataError
 from .resources import RULES_HELP, examples_dir
 from .sources import PatientRecord, iter_records
 
+#: The worked examples shipped with the package (the repository's fixtures/bundles).
+FIXTURES_DIR = examples_dir() / "bundles"
+
 
 def _date(text: str) -> dt.date:
     try:
@@ -283,7 +286,7 @@ def _assess(args: argparse.Namespace) -> int:
 
 def demo_paths(extra: Sequence[Path] = ()) -> list[Path]:
     """The worked examples shipped with the package, then any records given."""
-    return [examples_dir() / "bundles", *extra]
+    return [FIXTURES_DIR, *extra]
 
 
 def _demo_command(args: argparse.Namespace) -> int:

@@ -28,8 +28,10 @@ from typing import Any
 import yaml
 
 from .errors import RulesError
+from .resources import ruleset_paths
 
-#: The value sets shipped beside the rules (what `Assessor()` loads by default).
+#: The value sets shipped beside the rules (what `Assessor()` loads by default; package data).
+DEFAULT_VALUESETS = ruleset_paths().valuesets
 #: Distinct (value set, system, code) look-ups remembered per Terminology. Real data uses a
 #: few thousand codes; the cap keeps memory bounded whatever a file throws at the reader.
 _LOOKUP_CACHE_MAX = 100_000
@@ -284,9 +286,7 @@ class Terminology:
 @functools.lru_cache(maxsize=None)
 def default_terminology() -> Terminology:
     """The shipped value sets, loaded once per process."""
-    from .resources import ruleset_paths
-
-    return Terminology.load(ruleset_paths().valuesets)
+    return Terminology.load(DEFAULT_VALUESETS)
 
 
 def _codings(codeable: Any) -> Iterable[dict]:
