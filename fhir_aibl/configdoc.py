@@ -59,7 +59,7 @@ def _value(value: Any) -> str:
 
 
 def _cell(text: str) -> str:
-    return " ".join(text.split()).replace("|", "\\|")
+    return " ".join(text.split())
 
 
 def _model_class(annotation: Any) -> type[BaseModel] | None:
@@ -83,10 +83,15 @@ def _env_name(model: type[BaseModel], path: str) -> str | None:
     return (prefix + path.replace(".", delimiter)).upper()
 
 
+def _item(path: str, annotation: Any, default_text: str, meaning: str, env: str | None = None) -> str:
+    """One setting as a list item: name, type and default on the first line, its meaning below."""
+    where = f"; environment `{env}`" if env else ""
+    text = f"- **`{path}`** ({_cell(_type_name(annotation))}; default: {_cell(default_text)}{where})"
+    return text + (f"<br>\n  {_cell(meaning)}" if meaning else "")
+
+
 def _pydantic_sections(model: type[BaseModel], prefix: str, title: str, root: type[BaseModel]) -> list[str]:
-    env = _env_name(root, "x") is not None
-    head = "| setting | type | default | meaning |" + (" environment |" if env else "")
-    rows = [head, "|---|---|---|---|" + ("---|" if env else "")]
+    rows: list[str] = []
     nested: list[str] = []
     for name, field in model.model_fields.items():
         path = f"{prefix}{name}"
@@ -100,10 +105,7 @@ def _pydantic_sections(model: type[BaseModel], prefix: str, title: str, root: ty
         meaning = field.description or (item.__doc__ or "" if item else "")
         if item is not None and item.__name__ not in ("Coding", "Link"):
             nested += _pydantic_sections(item, f"{path}[].", f"each item of `{path}`", root)
-        row = f"| `{path}` | {_cell(_type_name(field.annotation))} | {_cell(default_text)} | {_cell(meaning)} |"
-        if env:
-            row += f" `{_env_name(root, path)}` |"
-        rows.append(row)
+        rows.append(_item(path, field.annotation, default_text, meaning, _env_name(root, path)))
     doc = inspect.getdoc(model) if model.__doc__ else ""
     intro = f"{doc}\n\n" if doc and model is not root else ""
     return [f"### {title}\n\n{intro}" + "\n".join(rows) + "\n", *nested]
@@ -128,7 +130,7 @@ def _field_comments(cls: type) -> dict[str, str]:
 def _dataclass_section(cls: type, prefix: str, title: str) -> list[str]:
     comments = _field_comments(cls)
     hints = typing.get_type_hints(cls)
-    rows = ["| setting | type | default | meaning |", "|---|---|---|---|"]
+    rows: list[str] = []
     nested: list[str] = []
     for field in dataclasses.fields(cls):
         annotation = hints.get(field.name, field.type)
@@ -142,10 +144,7 @@ def _dataclass_section(cls: type, prefix: str, title: str) -> list[str]:
         else:
             default = PydanticUndefined
         default_text = "(required)" if default is PydanticUndefined else _value(default)
-        rows.append(
-            f"| `{prefix}{field.name}` | {_cell(_type_name(annotation))} | {_cell(default_text)} | "
-            f"{_cell(comments.get(field.name, ''))} |"
-        )
+        rows.append(_item(f"{prefix}{field.name}", annotation, default_text, comments.get(field.name, "")))
     return [f"### {title}\n\n" + "\n".join(rows) + "\n", *nested]
 
 

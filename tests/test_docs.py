@@ -19,7 +19,7 @@ def test_configuration_reference_names_every_setting():
 
     page = configdoc.build()
     for name in Settings.model_fields:
-        assert f"| `{name}` |" in page or f"`{name}.`" in page or f"| `{name}." in page
+        assert f"**`{name}`**" in page or f"**`{name}." in page
 
 
 def _documents():
