@@ -19,15 +19,16 @@ from .assessment import RISK_FACTOR_ORDER, Assessment, Finding, RulesetInfo, Sel
 from .engine import Derivation, Engine
 from .errors import EvaluationError, RulesError
 from .facts import FactSet, extract_facts
+from .resources import RulesetPaths, ruleset_paths, shipped_rules_dir
 from .rulebook import Rulebook, load_rulebook
 from .terminology import Terminology
 
-RULES_DIR = Path(__file__).resolve().parent.parent / "rules"
+RULES_DIR = shipped_rules_dir()
 DEFAULT_RULES = RULES_DIR / "aibl.yaml"
 
 
 def default_rules_path() -> Path:
-    """The shipped rule file: `rules/aibl.yaml` beside the package (also when installed editable)."""
+    """The shipped rule file (package data: `rules/aibl.yaml` of the repository)."""
     return DEFAULT_RULES
 
 
@@ -39,13 +40,14 @@ class Result:
 
 class Assessor:
     def __init__(self, rules_path: Path | None = None, valuesets_dir: Path | None = None, mode: str = "default"):
-        rules_path = Path(rules_path or DEFAULT_RULES)
-        if not rules_path.is_file():
-            raise RulesError(f"rule file not found: {rules_path}")
-        self.terminology = Terminology.load(valuesets_dir or rules_path.parent / "valuesets")
+        # rules_path: a rule file or a folder holding aibl.yaml; its value sets and catalogue
+        # are beside it (fhir_aibl.resources.ruleset_paths); None: the shipped ruleset.
+        self.paths: RulesetPaths = ruleset_paths(rules_path)
+        rules_path = self.paths.rules
+        self.terminology = Terminology.load(valuesets_dir or self.paths.valuesets)
         # The content hash covers the rule file, the value sets and the clinician-facing
         # catalogue, so that any change to what a patient is told changes the ruleset name.
-        catalogue = rules_path.parent / "recommendations.yaml"
+        catalogue = self.paths.catalogue
         extra = self.terminology.content_hash + (hashlib.sha256(catalogue.read_bytes()).hexdigest() if catalogue.exists() else "")
         self.rulebook: Rulebook = load_rulebook(rules_path, extra_hash=extra, mode=mode)
         self.engine = Engine(self.rulebook)

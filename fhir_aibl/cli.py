@@ -1,11 +1,11 @@
 """The `fhir-aibl` command.
 
-    fhir-aibl assess PATH... [--as-of DATE] [--format table|json|fhir] [--rules FILE] [--mode M] [--explain]
+    fhir-aibl assess PATH... [--as-of DATE] [--format table|json|fhir] [--rules DIR-or-FILE] [--mode M] [--explain]
     fhir-aibl run --fhir-base URL (--patient ID ... | --all) [--write-back] ...   (fhir_aibl/fhir/command.py)
     fhir-aibl serve [--host 127.0.0.1] [--port 8080] [--config FILE]              (fhir_aibl/cds/command.py)
     fhir-aibl synth --patients N --seed S --out DIR                                 (fhir_aibl/synth.py)
-    fhir-aibl rules check|doc
-    fhir-aibl demo [--as-of DATE] [--out DIR]
+    fhir-aibl rules check|doc [--rules DIR-or-FILE]
+    fhir-aibl demo [PATH...] [--as-of DATE] [--out DIR] [--rules DIR-or-FILE]
 
 Exit status: 0 when every input was used; 1 when some input was rejected (each rejection
 is printed to stderr, naming the file and the resource; every other patient is still
@@ -25,19 +25,14 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import __version__
-from .assess import RULES_DIR, Assessor, Result
+from .assess import Assessor, Result
 from .assessment import Assessment
 from .errors import AiblError, NoUsableDataError
+from .resources import RULES_HELP, examples_dir
 from .sources import PatientRecord, iter_records
 
-PROJECT_DIR = RULES_DIR.parent
-FIXTURES_DIR = PROJECT_DIR / "fixtures" / "bundles"
-SHARED_DATA = PROJECT_DIR.parent / "shared" / "data"
-# Real records the demo adds when ../shared/data is beside the project.
-DEMO_SHARED = (
-    "mcode-stu4-examples/Bundle-mcode-patient-bundle-jenny-m.json",
-    "synthea-r4-osteoporosis/bundles",
-)
+#: The worked examples shipped with the package (the repository's fixtures/bundles).
+FIXTURES_DIR = examples_dir() / "bundles"
 
 
 def _date(text: str) -> dt.date:
@@ -47,46 +42,102 @@ def _date(text: str) -> dt.date:
         raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
 
 
+EXIT_ASSESS = """exit status:
+  0  every input was used
+  1  some input was rejected (each rejection on stderr; every other patient is still assessed)
+  2  nothing could run (bad arguments, a ruleset that does not load)"""
+EXIT_CHECK = """exit status:
+  0  no hole, conflict or dead rule in any mode checked
+  1  the review found a problem (the report names the combination or the rule)
+  2  nothing could run (bad arguments, a ruleset that does not load)"""
+EXIT_DOC = """exit status:
+  0  both files written
+  2  nothing could run (bad arguments, a ruleset that does not load, the folder cannot be written)"""
+EXIT_RUN = """exit status:
+  0  every patient done
+  1  some patient failed (every other patient done)
+  2  nothing could run (bad arguments or settings, server unreachable, credentials refused at
+     the start, no population search on this server profile)"""
+EXIT_SERVE = """exit status:
+  0  clean stop (Ctrl-C, SIGTERM)
+  2  the service cannot start (a settings file that does not load or validate, a ruleset that
+     does not load, the port in use)"""
+EXIT_SYNTH = """exit status:
+  0  the population was written
+  2  nothing was written (bad arguments, NDJSON files already in DIR without --force)"""
+
+
+def _sub(sub: Any, name: str, help: str, epilog: str) -> argparse.ArgumentParser:
+    return sub.add_parser(
+        name, help=help, description=help[0].upper() + help[1:] + ".", epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fhir-aibl", description="AIBL clinical decision support on FHIR R4")
+    parser = argparse.ArgumentParser(
+        prog="fhir-aibl",
+        description="Clinical decision support for aromatase-inhibitor-associated bone loss (AIBL) on FHIR R4. "
+        "Decision support for clinician review: it orders nothing. `fhir-aibl COMMAND --help` describes each command.",
+    )
     parser.add_argument("--version", action="version", version=f"fhir-aibl {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    assess = sub.add_parser("assess", help="assess patients in FHIR Bundles, NDJSON files or directories")
-    assess.add_argument("paths", nargs="+", metavar="PATH")
-    assess.add_argument("--as-of", type=_date, default=None, help="reference date (default: today)")
-    assess.add_argument("--format", choices=("table", "json", "fhir"), default="table")
-    assess.add_argument("--rules", type=Path, default=None, help="rule file (default: rules/aibl.yaml)")
+    assess = _sub(sub, "assess", "assess patients in FHIR Bundles, NDJSON files or directories", EXIT_ASSESS)
     assess.add_argument(
-        "--mode", default="default", help="boundary mode of the rule file: default or hadji (CLINICAL.md G3/G4)"
+        "paths", nargs="+", metavar="PATH",
+        help="a FHIR Bundle, a single resource, an NDJSON file (Bulk Data layout) or a folder of them; "
+        "resources are grouped by patient",
+    )
+    assess.add_argument("--as-of", type=_date, default=None, metavar="YYYY-MM-DD",
+                        help="reference date; data recorded after it is not used (default: today)")
+    assess.add_argument(
+        "--format", choices=("table", "json", "fhir"), default="table",
+        help="table: a table on stdout; json: one JSON array, one object per patient (the output contract); "
+        "fhir: a transaction Bundle of CarePlans and RiskAssessments (default: table)",
+    )
+    assess.add_argument("--rules", type=Path, default=None, metavar="DIR-or-FILE", help=RULES_HELP)
+    assess.add_argument(
+        "--mode", default="default",
+        help="boundary mode of the ruleset: default (T = -1.5 exactly counts as low bone density) or hadji "
+        "(strictly below -1.5) (default: default)",
     )
     assess.add_argument(
-        "--explain", action="store_true", help="json: add as_of, ruleset and the rules and evidence of every finding"
+        "--explain", action="store_true", help="with --format json: add as_of, ruleset and the rules and evidence of every finding"
     )
 
-    rules = sub.add_parser("rules", help="review the ruleset as a whole")
-    rules_sub = rules.add_subparsers(dest="rules_command", required=True)
-    check = rules_sub.add_parser("check", help="enumerate the decision space; exit 1 on a hole, a conflict or a dead rule")
-    check.add_argument("--rules", type=Path, default=None, help="rule file (default: rules/aibl.yaml)")
-    check.add_argument("--mode", action="append", default=None, help="boundary mode to check (default: every mode)")
-    doc = rules_sub.add_parser("doc", help="write the ruleset as Markdown and HTML for a clinical reviewer")
-    doc.add_argument("--rules", type=Path, default=None, help="rule file (default: rules/aibl.yaml)")
-    doc.add_argument("--out", type=Path, default=PROJECT_DIR / "docs", help="output folder (default: docs/)")
+    rules = _sub(sub, "rules", "review the ruleset as a whole",
+                 "exit status: see `fhir-aibl rules check --help` and `fhir-aibl rules doc --help`")
+    rules_sub = rules.add_subparsers(dest="rules_command", required=True, metavar="SUBCOMMAND")
+    check = _sub(rules_sub, "check", "enumerate the decision space; exit 1 on a hole, a conflict or a dead rule", EXIT_CHECK)
+    check.add_argument("--rules", type=Path, default=None, metavar="DIR-or-FILE", help=RULES_HELP)
+    check.add_argument("--mode", action="append", default=None, metavar="MODE",
+                       help="boundary mode to check; repeat for several (default: every mode of the ruleset)")
+    doc = _sub(rules_sub, "doc", "write the ruleset as Markdown and HTML (rules.md, rules.html) for a clinical reviewer", EXIT_DOC)
+    doc.add_argument("--rules", type=Path, default=None, metavar="DIR-or-FILE", help=RULES_HELP)
+    doc.add_argument("--out", type=Path, default=Path("."), metavar="DIR",
+                     help="folder to write rules.md and rules.html into, created if missing; the project's own copies "
+                     "are in docs/ (default: the current folder)")
 
     from .cds import command as cds_command
     from .fhir import command as fhir_command
 
-    run = sub.add_parser("run", help="assess patients on a FHIR server, optionally writing CarePlans back")
+    run = _sub(sub, "run", "assess patients on a FHIR server, optionally writing CarePlans back", EXIT_RUN)
     fhir_command.add_arguments(run)
-    serve = sub.add_parser("serve", help="serve AIBL decision support to EHRs as a CDS Hooks 2.0 service")
+    serve = _sub(sub, "serve", "serve AIBL decision support to EHRs as a CDS Hooks 2.0 service", EXIT_SERVE)
     cds_command.add_arguments(serve)
     from . import synth
 
-    synth.add_arguments(sub.add_parser("synth", help="write a synthetic population (Bulk Data NDJSON) for benchmarks"))
+    synth.add_arguments(_sub(sub, "synth", "write a synthetic population (Bulk Data NDJSON) for benchmarks", EXIT_SYNTH))
 
-    demo = sub.add_parser("demo", help="assess the built-in examples and the real records in ../shared/data")
-    demo.add_argument("--as-of", type=_date, default=dt.date(2026, 6, 1), help="reference date (default: 2026-06-01, that of the worked examples)")
-    demo.add_argument("--out", type=Path, default=Path("out/demo"), help="where to write the FHIR output")
+    demo = _sub(sub, "demo", "assess the built-in worked examples (and any PATH given)", EXIT_ASSESS)
+    demo.add_argument("paths", nargs="*", metavar="PATH",
+                      help="more records to assess beside the worked examples, as for assess (default: none)")
+    demo.add_argument("--as-of", type=_date, default=dt.date(2026, 6, 1), metavar="YYYY-MM-DD",
+                      help="reference date (default: 2026-06-01, that of the worked examples)")
+    demo.add_argument("--out", type=Path, default=Path("out/demo"), metavar="DIR",
+                      help="folder for careplans-bundle.json and assessments.json, created if missing (default: out/demo)")
+    demo.add_argument("--rules", type=Path, default=None, metavar="DIR-or-FILE", help=RULES_HELP)
     return parser
 
 
@@ -171,10 +222,13 @@ def format_table(assessments: Sequence[Assessment]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def fhir_bundle_json(assessments: Sequence[Assessment]) -> str:
+def fhir_bundle_json(assessments: Sequence[Assessment], catalogue_path: Path | None = None) -> str:
+    """The assessments as a transaction Bundle, with the texts of the ruleset's own catalogue
+    (`Assessor.paths.catalogue`; None: the shipped one)."""
     from .careplan import build_resources, load_catalogue, transaction_bundle
+    from .resources import ruleset_paths
 
-    catalogue = load_catalogue(RULES_DIR / "recommendations.yaml")
+    catalogue = load_catalogue(catalogue_path or ruleset_paths().catalogue)
     pairs = [build_resources(a, catalogue) for a in assessments]
     bundle = transaction_bundle(pairs)
     return json.dumps(json.loads(bundle.model_dump_json(exclude_none=True)), indent=2)
@@ -223,24 +277,21 @@ def _assess(args: argparse.Namespace) -> int:
     for problem in problems:
         _err(f"error: {problem}")
     if args.format == "fhir":
-        print(fhir_bundle_json(assessments))
+        print(fhir_bundle_json(assessments, assessor.paths.catalogue))
     else:
         print(format_table(assessments))
         print(f"\n{len(assessments)} assessed, {len(problems)} rejected; ruleset {assessor.rulebook.name}; as of {as_of}")
     return 1 if problems else 0
 
 
-def demo_paths() -> list[Path]:
-    paths = [FIXTURES_DIR]
-    for rel in DEMO_SHARED:
-        if (SHARED_DATA / rel).exists():
-            paths.append(SHARED_DATA / rel)
-    return paths
+def demo_paths(extra: Sequence[Path] = ()) -> list[Path]:
+    """The worked examples shipped with the package, then any records given."""
+    return [FIXTURES_DIR, *extra]
 
 
 def _demo_command(args: argparse.Namespace) -> int:
-    assessor = Assessor()
-    paths = demo_paths()
+    assessor = Assessor(args.rules)
+    paths = demo_paths(args.paths)
     results, problems = run_assessments(assessor, iter_records(paths, terminology=assessor.terminology), args.as_of)
     assessments = [r.assessment for r in results]
     print(f"fhir-aibl demo: {', '.join(str(p) for p in paths)}; as of {args.as_of}; ruleset {assessor.rulebook.name}\n")
@@ -249,7 +300,7 @@ def _demo_command(args: argparse.Namespace) -> int:
         _err(f"error: {problem}")
     args.out.mkdir(parents=True, exist_ok=True)
     fhir_path = args.out / "careplans-bundle.json"
-    fhir_path.write_text(fhir_bundle_json(assessments) + "\n")
+    fhir_path.write_text(fhir_bundle_json(assessments, assessor.paths.catalogue) + "\n")
     json_path = args.out / "assessments.json"
     json_path.write_text(json.dumps([a.explained() for a in assessments], indent=2) + "\n")
     print(f"\n{len(assessments)} patients assessed, {len(problems)} inputs rejected.")
@@ -263,7 +314,12 @@ def _rules_command(args: argparse.Namespace) -> int:
     from .ruledoc import write_docs
 
     if args.rules_command == "doc":
-        md, html_path = write_docs(Assessor(args.rules), args.out)
+        assessor = Assessor(args.rules)
+        try:
+            md, html_path = write_docs(assessor, args.out)
+        except OSError as exc:
+            _err(f"fatal: cannot write into {args.out}: {exc.strerror or exc}")
+            return 2
         print(f"wrote {md} and {html_path}")
         return 0
     modes = args.mode or list(Assessor(args.rules).rulebook.modes)

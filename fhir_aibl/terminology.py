@@ -28,9 +28,10 @@ from typing import Any
 import yaml
 
 from .errors import RulesError
+from .resources import ruleset_paths
 
-#: The value sets shipped beside the rules (what `Assessor()` loads by default).
-DEFAULT_VALUESETS = Path(__file__).resolve().parent.parent / "rules" / "valuesets"
+#: The value sets shipped beside the rules (what `Assessor()` loads by default; package data).
+DEFAULT_VALUESETS = ruleset_paths().valuesets
 #: Distinct (value set, system, code) look-ups remembered per Terminology. Real data uses a
 #: few thousand codes; the cap keeps memory bounded whatever a file throws at the reader.
 _LOOKUP_CACHE_MAX = 100_000

@@ -7,9 +7,11 @@ import shutil
 import pytest
 
 from fhir_aibl.assess import DEFAULT_RULES, Assessor
-from fhir_aibl.cli import PROJECT_DIR, main
+from fhir_aibl.cli import main
 from fhir_aibl.rulecheck import check, enumerate_cases, format_report
 from fhir_aibl.ruledoc import build_markdown, markdown_to_html
+
+from .conftest import ROOT
 
 
 @pytest.mark.parametrize("mode", ["default", "hadji"])
@@ -79,10 +81,10 @@ def test_committed_rules_doc_is_current():
     """docs/rules.md and docs/rules.html are what `fhir-aibl rules doc` writes for the shipped rules."""
     assessor = Assessor()
     md = build_markdown(assessor)
-    committed_md = (PROJECT_DIR / "docs" / "rules.md").read_text(encoding="utf-8")
-    committed_html = (PROJECT_DIR / "docs" / "rules.html").read_text(encoding="utf-8")
-    assert committed_md == md, "docs/rules.md is stale: run `fhir-aibl rules doc`"
-    assert committed_html == markdown_to_html(md, assessor.rulebook.title), "docs/rules.html is stale: run `fhir-aibl rules doc`"
+    committed_md = (ROOT / "docs" / "rules.md").read_text(encoding="utf-8")
+    committed_html = (ROOT / "docs" / "rules.html").read_text(encoding="utf-8")
+    assert committed_md == md, "docs/rules.md is stale: run `fhir-aibl rules doc --out docs`"
+    assert committed_html == markdown_to_html(md, assessor.rulebook.title), "docs/rules.html is stale: run `fhir-aibl rules doc --out docs`"
     for rule in assessor.rulebook.rules:
         assert f"#### {rule.id}: " in md
     assert assessor.rulebook.content_hash in md and "PROPOSAL" in md

@@ -48,7 +48,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
 from .. import __version__
-from ..assess import RULES_DIR, Assessor
+from ..assess import Assessor
 from ..careplan import load_catalogue
 from ..errors import AiblError
 from .auth import JwtVerifier
@@ -105,8 +105,7 @@ class CdsService:
         self.settings = settings
         self.clock = clock or time.time
         self.assessor = assessor if assessor is not None else Assessor(settings.rules)
-        rules_dir = Path(settings.rules).parent if settings.rules else RULES_DIR
-        self.catalogue = load_catalogue(settings.catalogue or rules_dir / "recommendations.yaml")
+        self.catalogue = load_catalogue(settings.catalogue or self.assessor.paths.catalogue)
         self.safety = load_safety_table(settings.safety)
         self.templates = dict(settings.prefetch) if settings.prefetch else default_templates(self.assessor.terminology)
         for key, template in self.templates.items():

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from ..errors import AiblError
+from ..resources import RULES_HELP
 from .app import UNSIGNED_WARNING, create_app
 from .settings import load_settings
 
@@ -29,7 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="accept requests without a valid JWT: LOCAL DEVELOPMENT ONLY",
     )
-    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    parser.add_argument("--rules", type=Path, default=None, metavar="DIR-or-FILE",
+                        help=RULES_HELP.replace(" (default:", "; it overrides the settings file's `rules` (default:"))
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                        help="lowest level of log messages written to stderr (default: info)")
 
 
 def _banner(text: str) -> None:
@@ -45,6 +49,8 @@ def run(args: argparse.Namespace, *, serve=None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         overrides = {"allow_unsigned": True} if args.allow_unsigned else {}
+        if getattr(args, "rules", None) is not None:
+            overrides["rules"] = args.rules
         settings = load_settings(args.config, **overrides)
         app = create_app(settings)
     except AiblError as exc:

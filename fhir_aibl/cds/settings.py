@@ -184,8 +184,12 @@ class Settings(_Model):
         "equal {public_base_url}/cds-services/{id}. Unset: taken from each request's own URL, which is only "
         "right when no proxy rewrites it",
     )
-    patient_view_id: str = Field(default="aibl-patient-view", pattern=r"^[A-Za-z0-9._-]{1,64}$")
-    order_select_id: str = Field(default="aibl-order-select", pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    patient_view_id: str = Field(
+        default="aibl-patient-view", pattern=r"^[A-Za-z0-9._-]{1,64}$", description="id of the patient-view service"
+    )
+    order_select_id: str = Field(
+        default="aibl-order-select", pattern=r"^[A-Za-z0-9._-]{1,64}$", description="id of the order-select service"
+    )
     allow_unsigned: bool = Field(
         default=False, description="accept requests without a valid JWT: local development only; logged loudly"
     )
@@ -198,9 +202,9 @@ class Settings(_Model):
     fetch_workers: int = Field(default=16, ge=1, description="threads running fallback FHIR queries")
     max_queued: int = Field(default=256, ge=1, description="requests waiting for a worker beyond which 503 is answered")
     as_of: dt.date | None = Field(default=None, description="reference date of every assessment; unset: today")
-    rules: Path | None = Field(default=None, description="rule file; unset: the shipped rules/aibl.yaml")
+    rules: Path | None = Field(default=None, description="ruleset: a folder holding aibl.yaml, or a rule file, with valuesets/ and recommendations.yaml beside it; unset: the ruleset shipped in the package")
     catalogue: Path | None = Field(default=None, description="recommendation catalogue; unset: recommendations.yaml beside the rules")
-    safety: Path | None = Field(default=None, description="safety-block table; unset: the shipped fhir_aibl/cds/safety.yaml")
+    safety: Path | None = Field(default=None, description="safety-block table; unset: the one shipped in the package (fhir_aibl/cds/safety.yaml)")
     prefetch: dict[str, str] | None = Field(
         default=None,
         description="replace the prefetch templates (key -> FHIR query with {{context.patientId}}); unset: the "
@@ -212,7 +216,7 @@ class Settings(_Model):
     log_patient_data: bool = Field(
         default=False, description="DEBUG ONLY: log patient ids and categories; off, logs carry no patient data"
     )
-    source_label: str = Field(default="fhir-aibl: AIBL bone health", min_length=1)
+    source_label: str = Field(default="fhir-aibl: AIBL bone health", min_length=1, description="the cards' source.label")
     source_url: str | None = Field(default=None, description="a page about this service, shown as the card source link")
     links: list[Link] = Field(default_factory=lambda: list(DEFAULT_LINKS), description="guideline links on every card")
     override_reasons: list[Coding] = Field(

@@ -32,7 +32,8 @@ from collections import Counter
 from pathlib import Path
 from typing import TextIO
 
-from ..assess import RULES_DIR, Assessor
+from ..assess import Assessor
+from ..resources import RULES_HELP
 from ..errors import AiblError
 from .auth import DEFAULT_SCOPE, TOKEN_ENV, auth_from_options
 from .client import FhirClient
@@ -84,14 +85,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="write a CarePlan, RiskAssessment and Provenance per patient (idempotent)",
     )
-    parser.add_argument("--format", choices=("table", "json"), default="table")
+    parser.add_argument(
+        "--format", choices=("table", "json"), default="table",
+        help="table: a table on stdout; json: one JSON array, one object per patient, as `assess` (default: table)",
+    )
     parser.add_argument(
         "--explain", action="store_true", help="json: add as_of, ruleset and every finding's rules and evidence"
     )
     parser.add_argument(
         "--profile", choices=sorted(PROFILES), default="generic", help="server vendor profile (default: generic)"
     )
-    parser.add_argument("--rules", type=Path, default=None, help="rule file (default: rules/aibl.yaml)")
+    parser.add_argument("--rules", type=Path, default=None, metavar="DIR-or-FILE", help=RULES_HELP)
     auth = parser.add_argument_group("authentication (secrets come from files or the environment, never arguments)")
     auth.add_argument("--token-file", type=Path, default=None, help=f"file holding a bearer token (else ${TOKEN_ENV})")
     auth.add_argument("--smart-client-id", default=None, help="SMART Backend Services client id")
@@ -299,7 +303,7 @@ def run(
             if args.write_back:
                 from ..careplan import load_catalogue
 
-                catalogue = load_catalogue((args.rules.parent if args.rules else RULES_DIR) / "recommendations.yaml")
+                catalogue = load_catalogue(assessor.paths.catalogue)
             client = build_client(args, session=session, environ=environ)
         except AiblError as exc:
             print(f"fatal: {exc}", file=err)

@@ -22,11 +22,12 @@ class RetrySettings:
     #: backoff_base * 2**(n-1))) seconds. Jitter spreads the retries of many clients so they do not hit
     #: a recovering server in lock-step (AWS architecture blog, "Exponential Backoff And Jitter").
     backoff_base: float = 0.5
+    #: The longest wait between two attempts, seconds (the cap of the backoff above).
     backoff_max: float = 30.0
     #: The longest `Retry-After` (seconds or HTTP-date) honoured. A server asking for longer is not
     #: waited for: the request fails with RateLimited/Unavailable naming the time asked, since
     #: sleeping for minutes per request would stall a population run (Cerner is known to answer 429
-    #: with long Retry-After values; DESIGN.md, known traps).
+    #: with long Retry-After values).
     retry_after_ceiling: float = 120.0
     #: Statuses that mean "not now" rather than "no": too many requests, bad gateway, unavailable,
     #: gateway timeout. 500 is not among them: it usually means the request itself breaks the server
@@ -57,6 +58,7 @@ class ClientSettings:
     #: unavailable (each after its own retries): the rest are reported failed, "not attempted",
     #: instead of hammering a server that is down, for hours, one patient at a time. 0: never stop.
     max_consecutive_outages: int = 3
+    #: The User-Agent header of every request.
     user_agent: str = f"fhir-aibl/{__version__}"
     #: Log request URLs (which carry patient ids) and per-patient lines. Off: logs carry no patient
     #: identifiers or clinical values unless this says so.
