@@ -37,7 +37,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..sources import RELEVANT_TYPES, fullurl_index, urn_id
+from ..references import fullurl_index, urn_id
+from ..sources import RELEVANT_TYPES
 from ..terminology import Terminology
 from .errors import BadRequestError
 
