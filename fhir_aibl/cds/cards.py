@@ -182,6 +182,10 @@ class CardBuilder:
         data_notes: Sequence[str] = (),
     ) -> list[IssuedCard]:
         if assessment.category == "not-applicable":
+            # Not on an aromatase inhibitor as far as can be read; but a medication that could
+            # not be read may be one: say so rather than stay silent.
+            if "medication-unresolved" in assessment.flags:
+                return [self._unread_medication_card(assessment, data_notes)]
             return []
         blocks = active_blocks(self.safety, assessment, self._rule_text)
         cards: list[IssuedCard] = []
@@ -231,6 +235,23 @@ class CardBuilder:
             f"Proposed by fhir-aibl (ruleset {assessment.ruleset.name}) for clinician review. "
             f"Rules: {', '.join(dict.fromkeys(rules)) or 'none recorded'}."
         )
+
+    def _unread_medication_card(self, a: Assessment, data_notes: Sequence[str]) -> IssuedCard:
+        entry = self.catalogue.flags["medication-unresolved"]
+        finding = a.finding("flag", "medication-unresolved")
+        lines = [f"**{entry.title}** (`medication-unresolved`, {entry.severity}). {entry.text} {_why(finding, ())}", ""]
+        if data_notes:
+            lines += ["**Data notes:**", *(f"- {note}" for note in data_notes), ""]
+        lines.append(f"*Ruleset `{a.ruleset.name}`.*")
+        card = {
+            "uuid": _uuid(),
+            "summary": _summary(f"AIBL: {entry.title}; check for an aromatase inhibitor"),
+            "indicator": "warning",
+            "detail": "\n".join(lines),
+            "source": self._source(),
+            "links": self._links(["medication-unresolved"]),
+        }
+        return IssuedCard(card, "assessment", suppressible=True)
 
     # -- the assessment card -----------------------------------------------------------------
     def _assessment_card(

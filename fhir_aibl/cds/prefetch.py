@@ -37,7 +37,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..references import fullurl_index, urn_id
+from ..references import MEDICATION_TYPES, MEDICATION_USE_TYPES, MedicationIndex, fullurl_index, urn_id
 from ..sources import RELEVANT_TYPES
 from ..terminology import Terminology
 from .errors import BadRequestError
@@ -199,6 +199,8 @@ class Filtered:
     other_patient: int = 0
     #: resources of a relevant type that name no patient at all: dropped (ownership unprovable)
     unowned: int = 0
+    #: (type, id) of Medications the kept resources reference and nothing sent (fetch them, else flagged)
+    unresolved_medications: list[tuple[str, str]] = field(default_factory=list)
 
 
 def patient_of(resource: Mapping[str, Any], urns: Mapping[str, tuple[str, str]] | None = None) -> str | None:
@@ -235,6 +237,13 @@ def for_patient(items: Iterable[tuple[dict, Mapping[str, tuple[str, str]]]], pat
     kept: dict[tuple, dict] = {}
     out = Filtered(resources=[])
     anonymous = 0
+    items = list(items)
+    # Medications name no patient: any sent (an `_include`, a key of their own, a fetch) may be
+    # what a medicationReference of this patient's points to (fhir_aibl/references.py).
+    medications = MedicationIndex()
+    for resource, urns in items:
+        if resource.get("resourceType") in MEDICATION_TYPES:
+            medications.add(resource, urns=urns)
     for resource, urns in items:
         rtype = resource.get("resourceType")
         if rtype not in RELEVANT_TYPES:
@@ -247,6 +256,11 @@ def for_patient(items: Iterable[tuple[dict, Mapping[str, tuple[str, str]]]], pat
             out.other_patient += 1
             continue
         resource = _normalised(resource, patient_id)
+        if rtype in MEDICATION_USE_TYPES and "medicationReference" in resource:
+            resource = medications.inline(resource, urns)
+            for target in medications.unresolved(resource):
+                if target not in out.unresolved_medications:
+                    out.unresolved_medications.append(target)
         rid = resource.get("id")
         if isinstance(rid, str) and rid:
             key: tuple = (rtype, rid)
