@@ -777,7 +777,10 @@ def _code_of(codeable: Any) -> str | None:
 
 
 # Products carry the route and formulation; ingredients and brands do not always.
-_TTY_RANK = {"SCD": 0, "SBD": 1, "SBDC": 1, "GPCK": 1, "BPCK": 1, "IN": 2, "BN": 3, "ATC": 4}
+_TTY_RANK = {
+    "SCD": 0, "NDC": 0, "SBD": 1, "SBDC": 1, "SCDC": 1, "GPCK": 1, "BPCK": 1,
+    "IN": 2, "PIN": 2, "SCT-PRODUCT": 2, "SCT-SUBSTANCE": 2, "BN": 3, "ATC": 4,
+}
 
 
 def _best_concept(concepts):

@@ -351,3 +351,93 @@ def test_shared_data_examples_still_read(tmp_path):
         pytest.skip("../shared/data is not beside the project")
     result = read_paths([root])
     assert result.patients
+
+
+# --------------------------------------------------------------------------- third-party shapes
+
+# The HL7 International Patient Summary example IPS-bundle-01 (HL7/fhir-ips,
+# input/fsh/instances/IPS-bundle-01.fsh at commit 7bd05b66194c6e713147f1687372d8071943231f):
+# a document Bundle of urn:uuid entries; Martha DeLarosa, female, born 1972-05-01; a
+# MedicationStatement (active since 2015-03) whose medicationReference is the urn:uuid of a
+# Medication coded SNOMED CT 108774000, two Dutch G-Standaard codes and ATC L02BG03; breast
+# cancer in remission. The shape is rebuilt here from that description (the file is not copied).
+IPS_PATIENT = "urn:uuid:2b90dd2b-2dab-4c75-9bb9-a355e07401e8"
+IPS_MEDICATION = "urn:uuid:976d0804-cae0-45ae-afe3-a19f3ceba6bc"
+SCT_ANASTROZOLE = {"system": "http://snomed.info/sct", "code": "108774000", "display": "Product containing anastrozole (medicinal product)"}
+NL_HPK = {"system": "urn:oid:2.16.840.1.113883.2.4.4.1", "code": "99872", "display": "ANASTROZOL 1MG TABLET"}
+NL_PRK = {"system": "urn:oid:2.16.840.1.113883.2.4.4.7", "code": "2076667", "display": "ANASTROZOL CF TABLET FILMOMHULD 1MG"}
+ATC_ANASTROZOLE = {"system": "http://www.whocc.no/atc", "code": "L02BG03", "display": "anastrozole"}
+
+
+def ips_bundle(codings: list[dict]) -> dict:
+    return {
+        "resourceType": "Bundle",
+        "type": "document",
+        "entry": [
+            {
+                "fullUrl": IPS_PATIENT,
+                "resource": {"resourceType": "Patient", "gender": "female", "birthDate": "1972-05-01", "active": True},
+            },
+            {
+                "fullUrl": "urn:uuid:c220e36c-eb67-4fc4-9ba1-2fabc52acec6",
+                "resource": {
+                    "resourceType": "MedicationStatement",
+                    "status": "active",
+                    "medicationReference": {"reference": IPS_MEDICATION},
+                    "subject": {"reference": IPS_PATIENT},
+                    "effectivePeriod": {"start": "2015-03"},
+                },
+            },
+            {"fullUrl": IPS_MEDICATION, "resource": {"resourceType": "Medication", "code": {"coding": codings}}},
+            {
+                "fullUrl": "urn:uuid:c4597aa2-688a-401b-a658-70acc6de28c6",
+                "resource": {
+                    "resourceType": "Condition",
+                    "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "remission"}]},
+                    "code": {"coding": [{"system": "http://snomed.info/sct", "code": "254837009", "display": "Malignant tumor of breast"}]},
+                    "subject": {"reference": IPS_PATIENT},
+                    "onsetDateTime": "2015-01",
+                },
+            },
+        ],
+    }
+
+
+@pytest.mark.parametrize(
+    "codings, flags",
+    [
+        ([SCT_ANASTROZOLE, NL_HPK, NL_PRK, ATC_ANASTROZOLE], []),  # as the IPS example has it
+        ([SCT_ANASTROZOLE], []),
+        ([ATC_ANASTROZOLE], []),
+        ([NL_HPK, NL_PRK], ["medication-by-text"]),  # national codes only: through their display, flagged
+    ],
+)
+def test_ips_shaped_bundle(codings, flags, tmp_path, capsys):
+    path = tmp_path / "ips.json"
+    path.write_text(json.dumps(ips_bundle(codings)))
+    code, [result], err = _assess(capsys, path)
+    assert code == 0, err
+    assert result["patient"] == "Patient/2b90dd2b-2dab-4c75-9bb9-a355e07401e8"
+    assert result["ai_status"] == "active"
+    assert result["category"] == "indeterminate" and "dxa-now" in result["recommendations"]
+    assert [f for f in result["flags"] if f.startswith("medication-")] == flags
+
+
+@pytest.mark.parametrize("spelling", ["62559-670-30", "62559067030", "0062559-670-30"])
+def test_ndc_spellings(spelling, tmp_path, capsys):
+    """The 10-digit hyphenated NDC and its 11-digit form are one code; a malformed one is not."""
+    term = default_terminology()
+    coding = {"system": "http://hl7.org/fhir/sid/ndc", "code": spelling}
+    hits = term.match("medications", {"coding": [coding]})
+    if spelling == "0062559-670-30":
+        assert not hits
+    else:
+        assert [h.get("ingredient") for h in hits] == ["anastrozole"]
+
+
+def test_new_codes_carry_a_source_and_a_verification_status():
+    vs = default_terminology().valueset("medications")
+    sources = vs.data["sources"]
+    for entry in vs.data["concepts"]:
+        assert entry.get("source") and all(s in sources for s in entry["source"]), entry
+        assert entry.get("status") in ("V", "V2", "UNVERIFIED"), entry
