@@ -344,13 +344,29 @@ def test_compact_index_remembers_unread_medications_as_seen():
     assert not index.knows("Medication", "other")
 
 
-def test_shared_data_examples_still_read(tmp_path):
-    """The FHIR R4 examples of the shared data, when present, read without a medication surprise."""
-    root = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+def test_fhir_r4_spec_examples_resolve_every_medication_reference():
+    """The FHIR R4 specification's examples (../shared/data): MedicationRequests and
+    MedicationStatements naming `Medication/medNNNN` held in separate files of the folder."""
+    root = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "fhir-r4-spec-examples"
     if not root.is_dir():
-        pytest.skip("../shared/data is not beside the project")
+        pytest.skip("../shared/data/fhir-r4-spec-examples is not beside the project")
+    originally = {}
+    for path in root.glob("Medication*.json"):
+        res = json.loads(path.read_text())
+        ref = (res.get("medicationReference") or {}).get("reference")
+        if res.get("resourceType") in MED_TYPES and ref:
+            originally[(res["resourceType"], res["id"])] = ref
+    from_elsewhere = {k for k, ref in originally.items() if not ref.startswith("#")}
+    assert from_elsewhere, "the examples reference Medications in other files"
     result = read_paths([root])
-    assert result.patients
+    seen = set()
+    for record in result.patients:
+        for res in record.resources:
+            key = (res["resourceType"], res.get("id"))
+            if key in originally:
+                seen.add(key)
+                assert res["medicationReference"]["reference"].startswith("#"), key  # resolved, contained
+    assert from_elsewhere <= seen
 
 
 # --------------------------------------------------------------------------- third-party shapes
