@@ -149,21 +149,20 @@ class Capabilities:
         return name in rc.search_params
 
     def rev_include(self, resource_type: str, spec: str) -> bool | None:
-        rc = self._resource(resource_type)
-        if rc is None:
-            return None if not self.known or not self.resources else False
-        if not rc.rev_includes:
-            return None
-        return spec in rc.rev_includes
+        return self._declared(resource_type, "rev_includes", spec)
 
     def include(self, resource_type: str, spec: str) -> bool | None:
         """`_include=<spec>` on a search of `resource_type` (its `searchInclude`; `*` allows any)."""
+        return self._declared(resource_type, "includes", spec, wildcard=True)
+
+    def _declared(self, resource_type: str, field_name: str, spec: str, *, wildcard: bool = False) -> bool | None:
         rc = self._resource(resource_type)
         if rc is None:
             return None if not self.known or not self.resources else False
-        if not rc.includes:
+        declared: set[str] = getattr(rc, field_name)
+        if not declared:
             return None
-        return spec in rc.includes or "*" in rc.includes
+        return spec in declared or (wildcard and "*" in declared)
 
     def conditional_create(self, resource_type: str) -> bool | None:
         rc = self._resource(resource_type)
