@@ -142,6 +142,8 @@ from .facts import medication_reading
 from .references import (
     MEDICATION_TYPES,
     MEDICATION_USE_TYPES,
+    REF_RE,
+    URN_PREFIXES,
     MedicationIndex,
     fullurl_index,
     normalise_medication_reference,
@@ -179,13 +181,10 @@ RELEVANT_TYPES = frozenset(
 #: Elements that point at the patient, in the order they are tried.
 _PATIENT_ELEMENTS = ("subject", "patient")
 
-# `Type/id` at the end of a relative or absolute reference, optionally `/_history/<vid>`.
-# Ids follow the FHIR R4 id datatype: [A-Za-z0-9\-\.]{1,64}.
-_REF_RE = re.compile(
-    r"(?:^|/)(?P<type>[A-Z][A-Za-z]+)/(?P<id>[A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?/?$"
-)
+# The reference forms (fhir_aibl/references.py, one place for every input path).
+_REF_RE = REF_RE
 _ID_RE = re.compile(r"[A-Za-z0-9\-.]{1,64}")
-_URN_PREFIXES = ("urn:uuid:", "urn:oid:")
+_URN_PREFIXES = URN_PREFIXES
 _BOM = b"\xef\xbb\xbf"
 
 

@@ -37,7 +37,15 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..references import MEDICATION_TYPES, MEDICATION_USE_TYPES, MedicationIndex, fullurl_index, urn_id
+from ..references import (
+    MEDICATION_TYPES,
+    MEDICATION_USE_TYPES,
+    URN_PREFIXES,
+    MedicationIndex,
+    fullurl_index,
+    parse_reference,
+    urn_id,
+)
 from ..sources import RELEVANT_TYPES
 from ..terminology import Terminology
 from .errors import BadRequestError
@@ -45,11 +53,6 @@ from .errors import BadRequestError
 PATIENT_TOKEN = "{{context.patientId}}"
 #: FHIR R4 id datatype
 ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
-# `Type/id` at the end of a relative or absolute reference, optionally `/_history/<vid>`.
-_REF_RE = re.compile(
-    r"(?:^|/)(?P<type>[A-Z][A-Za-z]+)/(?P<id>[A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?/?$"
-)
-_URN_PREFIXES = ("urn:uuid:", "urn:oid:")
 _PATIENT_ELEMENTS = ("subject", "patient")
 
 #: Observation codes come from these value sets (every code the facts stage recognises on an
@@ -215,15 +218,9 @@ def patient_of(resource: Mapping[str, Any], urns: Mapping[str, tuple[str, str]] 
         value = ref.get("reference")
         if not isinstance(value, str) or not value.strip():
             continue
-        value = value.strip()
-        if value.startswith(_URN_PREFIXES):
-            target = (urns or {}).get(value)
-            if target is not None and target[0] == "Patient":
-                return target[1]
-            continue
-        match = _REF_RE.search(value)
-        if match and match["type"] == "Patient":
-            return match["id"]
+        target = parse_reference(value, urns)  # relative, absolute, versioned, urn:uuid (fhir_aibl/references.py)
+        if target is not None and target[0] == "Patient":
+            return target[1]
     return None
 
 
@@ -278,7 +275,7 @@ def for_patient(items: Iterable[tuple[dict, Mapping[str, tuple[str, str]]]], pat
 def _normalised(resource: dict, patient_id: str) -> dict:
     for element in _PATIENT_ELEMENTS:
         ref = resource.get(element)
-        if isinstance(ref, dict) and isinstance(ref.get("reference"), str) and ref["reference"].startswith(_URN_PREFIXES):
+        if isinstance(ref, dict) and isinstance(ref.get("reference"), str) and ref["reference"].startswith(URN_PREFIXES):
             return {**resource, element: {**ref, "reference": f"Patient/{patient_id}"}}
     return resource
 

@@ -59,9 +59,6 @@ PULL_TYPES = (
 assert set(PULL_TYPES) == RELEVANT_TYPES - {"Patient"}, "pull and file source read different resource types"
 #: Statuses of a batch POST that mean "this server does not do batch here", not "this batch is wrong".
 _BATCH_REFUSED = frozenset({400, 404, 405, 415, 422, 501})
-_REF_RE = re.compile(
-    r"(?:^|/)(?P<type>[A-Z][A-Za-z]+)/(?P<id>[A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?/?$"
-)
 _PATIENT_ELEMENTS = ("subject", "patient")
 #: Medication ids per `Medication?_id=` search (keeps the URL short).
 _ID_CHUNK = 50
@@ -104,9 +101,9 @@ def patient_of(resource: Mapping[str, Any], base_url: str) -> str | None:
         value = value.strip()
         if value.startswith(("http://", "https://")) and not value.startswith(base_url.rstrip("/") + "/"):
             return None
-        match = _REF_RE.search(value)
-        if match and match["type"] == "Patient":
-            return match["id"]
+        target = parse_reference(value)  # relative, absolute, versioned (fhir_aibl/references.py)
+        if target is not None and target[0] == "Patient":
+            return target[1]
         return None
     return None
 
