@@ -389,7 +389,7 @@ class _Extractor:
             if res.get("status") != "entered-in-error":
                 self.add("med_issue", [ref], issue="unresolved")
                 target = (res.get("medicationReference") or {}).get("reference") or "no reference"
-                self.problems.append(f"{ref}: its medication ({target}) could not be found in the input; flagged medication-unresolved")
+                self.problems.append(f"{ref}: its medication ({target}) could not be found (not in the input, not on the server); flagged medication-unresolved")
             return
         route = coded_route or _dosage_route(res)
         cls = concept.get("class")

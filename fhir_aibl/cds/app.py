@@ -51,7 +51,7 @@ from .. import __version__
 from ..assess import RULES_DIR, Assessor
 from ..careplan import load_catalogue
 from ..errors import AiblError
-from ..references import MEDICATION_USE_TYPES, medication_reference
+from ..references import MEDICATION_USE_TYPES, MedicationIndex, medication_reference
 from .auth import JwtVerifier
 from .cards import CardBuilder, IssuedCard
 from .errors import (
@@ -258,9 +258,14 @@ class CdsService:
     def _draft_medications(self, req: HookRequest) -> list[dict]:
         """The draft MedicationRequests of order-select this service acts on: AI or antiresorptive."""
         out = []
-        for resource, urns in bundle_resources(req.context["draftOrders"]):
+        items = list(bundle_resources(req.context["draftOrders"]))
+        medications = MedicationIndex()  # a draft may reference a Medication entry of the same Bundle
+        for resource, urns in items:
+            medications.add(resource, urns=urns)
+        for resource, urns in items:
             if resource.get("resourceType") != "MedicationRequest":
                 continue
+            resource = medications.inline(resource, urns)
             if resource.get("subject") is not None:
                 # A draft order in this patient's context that names another patient is not ours to read.
                 owned = for_patient([(resource, urns)], req.patient_id).resources

@@ -222,6 +222,15 @@ def summary(report: RunReport, *, write_back: bool) -> list[str]:
             )
             + f"; setup {report.setup_requests}"
         )
+    # Patients whose medication could not be read, or was recognised by name only: counted here
+    # as well as flagged, so that a run never passes over them in silence (docs/medications.md).
+    unread = sum(1 for a in report.assessments if "medication-unresolved" in a.flags)
+    by_text = sum(1 for a in report.assessments if "medication-by-text" in a.flags)
+    if unread or by_text:
+        lines.append(
+            f"medications: {unread} patient(s) with a medication that could not be read (medication-unresolved), "
+            f"{by_text} with an aromatase inhibitor recognised by name only (medication-by-text)"
+        )
     return lines
 
 

@@ -70,3 +70,21 @@ def test_a_failed_medication_fetch_still_answers_with_the_flag(make_app):
         response = harness.hook(PV, request)
     assert response.status_code == 200
     assert "could not be read" in response.json()["cards"][0]["summary"]
+
+
+def test_order_select_draft_referencing_a_medication_entry_of_the_draft_bundle(make_app):
+    """An order being written as Epic shapes it: the draft names `Medication/<id>`, the Medication
+    travels in the same draftOrders Bundle."""
+    from fhir_aibl.cds.samples import draft_medication_request, order_select_request
+
+    from .conftest import OS
+
+    record = bundle("V20")
+    record["entry"] = [e for e in record["entry"] if e["resource"]["resourceType"] != "MedicationStatement"]
+    draft = draft_medication_request("v20", "199224", "anastrozole 1 MG Oral Tablet")
+    medication = {"resourceType": "Medication", "id": "ana", "code": draft.pop("medicationCodeableConcept")}
+    draft["medicationReference"] = {"reference": "Medication/ana"}
+    request = order_select_request(record, [draft])
+    request["context"]["draftOrders"]["entry"].append({"resource": medication})
+    cards = make_app().hook(OS, request).json()["cards"]
+    assert cards and "aromatase inhibitor planned" in cards[0]["summary"]

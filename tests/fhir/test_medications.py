@@ -280,3 +280,15 @@ def test_json_of_examples_is_not_written(tmp_path):
     """Nothing fetched from another repository is kept: the shapes above are built in code."""
     assert not list(Path(__file__).parent.glob("*.ndjson"))
     assert json.dumps(medication("x"))
+
+
+def test_the_run_summary_counts_unread_and_by_name_medications(tmp_path):
+    resources = [patient("o1"), order("o1-ai", "o1", "Medication/gone"), patient("o2"), order("o2-ai", "o2", "Medication/gone2", display="Femara")]
+    ids_file = tmp_path / "ids.txt"
+    ids_file.write_text("o1\no2\n")
+    with mock() as rsps:
+        FakeFhir(resources=resources, batch=False, revinclude=False).install(rsps)
+        result = run_command("--fhir-base", BASE, "--patients-file", str(ids_file), "--profile", "oracle", "--as-of", AS_OF)
+    assert result.code == 0, result.stderr
+    assert "medications: 1 patient(s) with a medication that could not be read (medication-unresolved), 1 with an aromatase inhibitor recognised by name only" in result.stderr
+    assert "warning: Patient/o1: MedicationRequest/o1-ai/_history/1: its medication (Medication/gone) could not be found" in result.stderr
