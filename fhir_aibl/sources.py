@@ -35,7 +35,15 @@ patient in any of these forms:
 A Bundle entry without `resource.id` whose `fullUrl` is a `urn:uuid:`/`urn:oid:`
 (transactions that POST new resources) gets that uuid/oid as its id: it is written into
 `resource["id"]`, so that evidence such as `Observation/<uuid>` is stable from run to
-run. Those two changes are the only mutations of the parsed input.
+run. A `urn:` medicationReference is rewritten to `Medication/<id>` the same way. Those are
+the only mutations of the parsed input.
+
+Medications: a Medication (or Substance) names no patient. Wherever it is (a Bundle entry,
+an NDJSON Medication file, before or after what references it), the first pass indexes it
+(`references.MedicationIndex`: in full only if a rule could read it, else a hash of its
+id); the second pass gives every medication resource that references one a copy of it as a
+contained Medication (fhir_aibl/references.py, docs/medications.md). A reference that
+resolves to nothing is left as it is, and the facts stage flags it `medication-unresolved`.
 
 Anything a relevant resource says about its patient that is none of the above
 (a Group, a conditional `Patient?identifier=...`, an unresolvable `urn:uuid:`, only an
