@@ -457,3 +457,9 @@ def test_new_codes_carry_a_source_and_a_verification_status():
     for entry in vs.data["concepts"]:
         assert entry.get("source") and all(s in sources for s in entry["source"]), entry
         assert entry.get("status") in ("V", "V2", "UNVERIFIED"), entry
+
+
+def test_prolia_by_ndc_is_denosumab_60mg():
+    term = default_terminology()
+    [hit] = term.match("medications", {"coding": [{"system": "http://hl7.org/fhir/sid/ndc", "code": "55513071001"}]})
+    assert hit.get("class") == "denosumab" and hit.get("formulation") == "prolia-60mg" and hit.get("route") == "sc"
