@@ -641,7 +641,9 @@ def medication_reading(res: Mapping[str, Any], term: Terminology) -> tuple[Any, 
       it, and flagged so that a human checks it. Text never removes a drug a code names;
     - "unresolved": `medicationReference` names nothing that can be read here (a Medication
       not in the input, a `#id` with no such contained resource, a reference with only a
-      display or identifier): concept None; flagged, never read as "no drug".
+      display or identifier), or the Medication's code says nothing the rules know and one of
+      its ingredients is a reference to nothing readable: concept None; flagged, never read
+      as "no drug".
     """
     codes, texts, unresolved = _medication_codes(res)
     concepts = term.match("medications", codes)
@@ -680,6 +682,7 @@ def _medication_codes(res: Mapping[str, Any]) -> tuple[list, list, bool]:
         return [], texts, True
     codes = [medication.get("code")]
     texts += _texts_of(medication.get("code"))
+    unread_ingredient = False
     for ingredient in medication.get("ingredient") or []:
         if not isinstance(ingredient, dict):
             continue
@@ -690,10 +693,11 @@ def _medication_codes(res: Mapping[str, Any]) -> tuple[list, list, bool]:
             held = contained.get(target[1:]) if isinstance(target, str) and target.startswith("#") else None
             item = held.get("code") if held is not None else None
             texts.append(item_ref.get("display"))
+            unread_ingredient = unread_ingredient or held is None  # an ingredient nobody can read
         if item:
             codes.append(item)
             texts += _texts_of(item)
-    return [c for c in codes if c], texts, False
+    return [c for c in codes if c], texts, unread_ingredient
 
 
 def _texts_of(codeable: Any) -> list:

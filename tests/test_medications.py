@@ -463,3 +463,16 @@ def test_prolia_by_ndc_is_denosumab_60mg():
     term = default_terminology()
     [hit] = term.match("medications", {"coding": [{"system": "http://hl7.org/fhir/sid/ndc", "code": "55513071001"}]})
     assert hit.get("class") == "denosumab" and hit.get("formulation") == "prolia-60mg" and hit.get("route") == "sc"
+
+
+def test_an_ingredient_reference_to_nothing_is_flagged(tmp_path, capsys):
+    medication = {
+        "resourceType": "Medication",
+        "id": "tab",
+        "code": {"text": "tablet 1 mg"},
+        "ingredient": [{"itemReference": {"reference": "Substance/nowhere"}}],
+    }
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(_ai_only_by_reference("Medication/tab", with_medication=medication)))
+    _code, [result], _err = _assess(capsys, path)
+    assert result["ai_status"] == "none" and result["flags"] == ["medication-unresolved"]
