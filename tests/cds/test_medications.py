@@ -88,3 +88,30 @@ def test_order_select_draft_referencing_a_medication_entry_of_the_draft_bundle(m
     request["context"]["draftOrders"]["entry"].append({"resource": medication})
     cards = make_app().hook(OS, request).json()["cards"]
     assert cards and "aromatase inhibitor planned" in cards[0]["summary"]
+
+
+def _all_by_reference(request: dict) -> dict:
+    """Every medication of every medication searchset moved into an included Medication entry."""
+    request = copy.deepcopy(request)
+    for key in ("medication-statements", "medication-requests", "medication-administrations"):
+        searchset = request["prefetch"].get(key)
+        if not searchset:
+            continue
+        included = []
+        for entry in searchset["entry"]:
+            res = entry["resource"]
+            if "medicationCodeableConcept" in res:
+                mid = f"{res['id']}-med"
+                included.append({"resource": {"resourceType": "Medication", "id": mid, "code": res.pop("medicationCodeableConcept")}, "search": {"mode": "include"}})
+                res["medicationReference"] = {"reference": f"Medication/{mid}"}
+        searchset["entry"] += included
+    return request
+
+
+def test_every_worked_example_answers_the_same_with_medications_by_reference(make_app, expected):
+    harness = make_app()
+    for vector in sorted(expected):
+        full = patient_view_request(bundle(vector))
+        want = harness.hook(PV, full).json()["cards"]
+        got = harness.hook(PV, _all_by_reference(full)).json()["cards"]
+        assert [(c["summary"], c["indicator"]) for c in got] == [(c["summary"], c["indicator"]) for c in want], vector
