@@ -292,3 +292,27 @@ def test_the_run_summary_counts_unread_and_by_name_medications(tmp_path):
     assert result.code == 0, result.stderr
     assert "medications: 1 patient(s) with a medication that could not be read (medication-unresolved), 1 with an aromatase inhibitor recognised by name only" in result.stderr
     assert "warning: Patient/o1: MedicationRequest/o1-ai/_history/1: its medication (Medication/gone) could not be found" in result.stderr
+
+
+def test_on_a_real_server_every_worked_example_by_reference_gives_the_expected_result(sekmet, tmp_path):
+    """The worked examples with every medication moved to a Medication resource of its own, loaded
+    into SEKMET: `run` gives each its expected result, with `_include` (generic) and with the
+    Medications read by id (hapi)."""
+    from tests.test_medications import EXPECTED, VECTORS, _got, _want, referenced_variant
+
+    from .loading import load_files
+
+    files = []
+    for vector in VECTORS:
+        path = tmp_path / f"{vector}.json"
+        path.write_text(json.dumps(referenced_variant(json.loads((Path(__file__).parents[2] / "fixtures" / "bundles" / f"{vector}.json").read_text()), "relative", medications_first=False)))
+        files.append(path)
+    load_files(sekmet, files)
+    ids = [v.lower() for v in VECTORS]
+    for profile in ("generic", "hapi"):
+        result = run_command("--fhir-base", sekmet, "--patient", *ids, "--profile", profile, "--as-of", AS_OF, "--format", "json")
+        assert result.code == 0, result.stderr
+        got = {r["patient"]: r for r in result.json()}
+        for vector in VECTORS:
+            assert _got(got[f"Patient/{vector.lower()}"]) == _want(vector), (profile, vector, EXPECTED[vector]["note"])
+        assert "medication-unresolved" not in result.stderr
