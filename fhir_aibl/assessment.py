@@ -29,6 +29,13 @@ RISK_FACTOR_ORDER = (
     "hypogonadism-or-premature-menopause",
 )
 
+#: Data flags about how the patient's medications were read (docs/medications.md). Raised
+#: whatever the AI status, so a patient whose drug cannot be read is never silently "none".
+MEDICATION_FLAGS = (
+    "medication-unresolved",  # a medicationReference resolved to nothing readable (ai_status stays as read)
+    "medication-by-text",  # an aromatase inhibitor recognised only by its name: assessed as on it
+)
+
 CONTRACT_FIELDS = (
     "patient",
     "ai_status",

@@ -453,13 +453,23 @@ class _Extractor:
 
     def medication(self, res: Mapping[str, Any], steroid_spans: list[tuple[dt.date, dt.date, str]]) -> None:
         rtype = res.get("resourceType")
-        found = medication_concept(res, self.term)
+        found = medication_reading(res, self.term)
         if found is None:
             return
-        concept, coded_route = found
+        concept, coded_route, how = found
+        ref = reference_of(res)
+        if how == "unresolved":
+            # The drug cannot be read: flagged (whatever the drug turns out to be), never silence.
+            if res.get("status") != "entered-in-error":
+                self.add("med_issue", [ref], issue="unresolved")
+                target = (res.get("medicationReference") or {}).get("reference") or "no reference"
+                self.problems.append(f"{ref}: its medication ({target}) could not be found (not in the input, not on the server); flagged medication-unresolved")
+            return
         route = coded_route or _dosage_route(res)
         cls = concept.get("class")
-        ref = reference_of(res)
+        if how == "text" and res.get("status") != "entered-in-error":
+            self.add("med_issue", [ref], issue="by-text")
+            self.problems.append(f"{ref}: {concept.get('ingredient')} recognised by its name only, no known code; flagged medication-by-text")
         if rtype == "MedicationAdministration":
             self._administration(res, concept, route, ref)
             return
@@ -715,26 +725,90 @@ def condition_concepts(res: Mapping[str, Any], term: Terminology) -> list:
 def medication_concept(res: Mapping[str, Any], term: Terminology) -> tuple[Any, str | None] | None:
     """(concept, route its coding states) of a medication of a class the rules read, else None.
 
-    The code is `medicationCodeableConcept`, else the contained Medication that
-    `medicationReference` points to (its code and ingredients).
+    As `medication_reading`, without saying how the drug was recognised.
     """
-    code = res.get("medicationCodeableConcept") or _contained_medication(res)
-    concepts = term.match("medications", code)
-    if not concepts:
+    found = medication_reading(res, term)
+    if found is None or found[2] == "unresolved":
         return None
-    concept, coded_route = _best_concept(concepts)
-    if concept.get("class") not in MEDICATION_CLASSES:
-        return None
-    return concept, coded_route
+    return found[0], found[1]
 
 
-def _contained_medication(res: Mapping[str, Any]) -> Any:
-    ref = ((res.get("medicationReference") or {}).get("reference") or "").lstrip("#")
-    for contained in res.get("contained") or []:
-        if isinstance(contained, dict) and contained.get("resourceType") == "Medication" and contained.get("id") == ref:
-            ingredients = [i.get("itemCodeableConcept") for i in contained.get("ingredient") or [] if isinstance(i, dict)]
-            return [contained.get("code")] + [i for i in ingredients if i]
+def medication_reading(res: Mapping[str, Any], term: Terminology) -> tuple[Any, str | None, str] | None:
+    """(concept, route, how) of a medication the rules read, else None. `how` is one of:
+
+    - "code": `medicationCodeableConcept`, else the contained Medication that
+      `medicationReference` points to (its code, and its ingredients' itemCodeableConcept or
+      itemReference to another contained Medication/Substance), carries a code of a class the
+      rules read (a Medication held elsewhere in the input was made contained by
+      fhir_aibl/references.py before this runs);
+    - "text": no code is recognised at all, but a text or display names an aromatase
+      inhibitor (generic or brand, the `texts` of the medications value set): assessed as on
+      it, and flagged so that a human checks it. Text never removes a drug a code names;
+    - "unresolved": `medicationReference` names nothing that can be read here (a Medication
+      not in the input, a `#id` with no such contained resource, a reference with only a
+      display or identifier), or the Medication's code says nothing the rules know and one of
+      its ingredients is a reference to nothing readable: concept None; flagged, never read
+      as "no drug".
+    """
+    codes, texts, unresolved = _medication_codes(res)
+    concepts = term.match("medications", codes)
+    if concepts:
+        concept, coded_route = _best_concept(concepts)
+        if concept.get("class") not in MEDICATION_CLASSES:
+            return None
+        return concept, coded_route, "code"
+    for text in texts:
+        if isinstance(text, str):
+            props = term.match_text("medications", text)
+            if props is not None and props.get("class") in MEDICATION_CLASSES:
+                return props, None, "text"
+    if unresolved:
+        return None, None, "unresolved"
     return None
+
+
+def _medication_codes(res: Mapping[str, Any]) -> tuple[list, list, bool]:
+    """(codeables, texts, unresolved) of what a medication-use resource says its drug is."""
+    codeable = res.get("medicationCodeableConcept")
+    if codeable:
+        return [codeable], _texts_of(codeable), False
+    ref = res.get("medicationReference")
+    if not isinstance(ref, dict):
+        return [], [], False
+    texts = [ref.get("display")]
+    value = ref.get("reference")
+    if not isinstance(value, str) or not value.startswith("#"):
+        return [], texts, True  # not contained: unread unless references.py made it contained
+    contained = {
+        c.get("id"): c for c in res.get("contained") or [] if isinstance(c, dict) and c.get("resourceType") in ("Medication", "Substance")
+    }
+    medication = contained.get(value[1:])
+    if medication is None or medication.get("resourceType") != "Medication":
+        return [], texts, True
+    codes = [medication.get("code")]
+    texts += _texts_of(medication.get("code"))
+    unread_ingredient = False
+    for ingredient in medication.get("ingredient") or []:
+        if not isinstance(ingredient, dict):
+            continue
+        item = ingredient.get("itemCodeableConcept")
+        item_ref = ingredient.get("itemReference")
+        if item is None and isinstance(item_ref, dict):
+            target = item_ref.get("reference")
+            held = contained.get(target[1:]) if isinstance(target, str) and target.startswith("#") else None
+            item = held.get("code") if held is not None else None
+            texts.append(item_ref.get("display"))
+            unread_ingredient = unread_ingredient or held is None  # an ingredient nobody can read
+        if item:
+            codes.append(item)
+            texts += _texts_of(item)
+    return [c for c in codes if c], texts, unread_ingredient
+
+
+def _texts_of(codeable: Any) -> list:
+    if not isinstance(codeable, dict):
+        return []
+    return [codeable.get("text")] + [c.get("display") for c in codeable.get("coding") or [] if isinstance(c, dict)]
 
 
 _MEDICATION_TYPES = frozenset({"MedicationStatement", "MedicationRequest", "MedicationAdministration"})
@@ -756,7 +830,7 @@ def reads_resource(res: Mapping[str, Any], term: Terminology) -> bool:
     if rtype == "Condition":
         return bool(condition_concepts(res, term))
     if rtype in _MEDICATION_TYPES:
-        return medication_concept(res, term) is not None
+        return medication_reading(res, term) is not None
     return rtype in ("Patient", "FamilyMemberHistory")
 
 
@@ -814,7 +888,10 @@ def _code_of(codeable: Any) -> str | None:
 
 
 # Products carry the route and formulation; ingredients and brands do not always.
-_TTY_RANK = {"SCD": 0, "SBD": 1, "SBDC": 1, "GPCK": 1, "BPCK": 1, "IN": 2, "BN": 3, "ATC": 4}
+_TTY_RANK = {
+    "SCD": 0, "NDC": 0, "SBD": 1, "SBDC": 1, "SCDC": 1, "GPCK": 1, "BPCK": 1,
+    "IN": 2, "PIN": 2, "SCT-PRODUCT": 2, "SCT-SUBSTANCE": 2, "BN": 3, "ATC": 4,
+}
 
 
 def _best_concept(concepts):

@@ -96,6 +96,8 @@ VARIANTS = {
     "fracture-age-unknown": [("fracture", {"site": "wrist", "fragility": True, "marker": False, "possible_fragility_code": False})],
     "fracture-mechanism": [("fracture", {"site": "hip", "fragility": False, "marker": True, "possible_fragility_code": True, "age_at": 45})],
     "excluded-resource": [("excluded", {"resource": "Observation", "reason": "status entered-in-error"})],
+    "medication-unresolved": [("med_issue", {"issue": "unresolved"})],
+    "medication-by-text": [("med_issue", {"issue": "by-text"})],
     "d3-only": [("lab", {"concept": "vitamin-d3-25oh", "value": 28.0, "age_months": 2.0}), DROP_VITAMIN_D],
     "btm": [("lab", {"concept": "ctx", "value": 900.0, "age_months": 2.0})],
     "crcl-25": [("renal", {"crcl": 25.0, "age_months": 2.0}), ("lab", {"concept": "egfr", "value": 27.0, "age_months": 2.0})],

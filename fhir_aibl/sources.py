@@ -35,7 +35,15 @@ patient in any of these forms:
 A Bundle entry without `resource.id` whose `fullUrl` is a `urn:uuid:`/`urn:oid:`
 (transactions that POST new resources) gets that uuid/oid as its id: it is written into
 `resource["id"]`, so that evidence such as `Observation/<uuid>` is stable from run to
-run. Those two changes are the only mutations of the parsed input.
+run. A `urn:` medicationReference is rewritten to `Medication/<id>` the same way. Those are
+the only mutations of the parsed input.
+
+Medications: a Medication (or Substance) names no patient. Wherever it is (a Bundle entry,
+an NDJSON Medication file, before or after what references it), the first pass indexes it
+(`references.MedicationIndex`: in full only if a rule could read it, else a hash of its
+id); the second pass gives every medication resource that references one a copy of it as a
+contained Medication (fhir_aibl/references.py, docs/medications.md). A reference that
+resolves to nothing is left as it is, and the facts stage flags it `medication-unresolved`.
 
 Anything a relevant resource says about its patient that is none of the above
 (a Group, a conditional `Patient?identifier=...`, an unresolvable `urn:uuid:`, only an
@@ -138,6 +146,17 @@ from .errors import (
     NotFhirError,
     NotJsonError,
 )
+from .facts import medication_reading
+from .references import (
+    MEDICATION_TYPES,
+    MEDICATION_USE_TYPES,
+    REF_RE,
+    URN_PREFIXES,
+    MedicationIndex,
+    fullurl_index,
+    normalise_medication_reference,
+    urn_id,
+)
 from .terminology import Terminology, default_terminology
 from .validation import ValidationMemo, needs_validation
 
@@ -174,13 +193,10 @@ RELEVANT_TYPES = frozenset(
 #: Elements that point at the patient, in the order they are tried.
 _PATIENT_ELEMENTS = ("subject", "patient")
 
-# `Type/id` at the end of a relative or absolute reference, optionally `/_history/<vid>`.
-# Ids follow the FHIR R4 id datatype: [A-Za-z0-9\-\.]{1,64}.
-_REF_RE = re.compile(
-    r"(?:^|/)(?P<type>[A-Z][A-Za-z]+)/(?P<id>[A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?/?$"
-)
+# The reference forms (fhir_aibl/references.py, one place for every input path).
+_REF_RE = REF_RE
 _ID_RE = re.compile(r"[A-Za-z0-9\-.]{1,64}")
-_URN_PREFIXES = ("urn:uuid:", "urn:oid:")
+_URN_PREFIXES = URN_PREFIXES
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -242,7 +258,7 @@ def iter_records(
     `SPOOL_LIMIT`; an NDJSON line counts 1, a resource from a Bundle or JSON file, held
     parsed, counts `INLINE_WEIGHT`). It changes memory and temporary disk use, never results.
     """
-    spool = _Spool(SPOOL_LIMIT if spool_limit is None else spool_limit)
+    spool = _Spool(SPOOL_LIMIT if spool_limit is None else spool_limit, terminology or default_terminology())
     try:
         for path in _expand(paths):
             for problem in _read_file(path, spool):
@@ -347,6 +363,8 @@ def _index_resource(
         return NotFhirError(f"not a FHIR resource or Bundle: {kind} without a resourceType", source=where)
     if obj["resourceType"] in RELEVANT_TYPES:
         return grouping.add(obj, where, file, label=None, urns=None, line=line)
+    if obj["resourceType"] in MEDICATION_TYPES:
+        grouping.medications.add(obj)  # names no patient: indexed for the references to it
     return None
 
 
@@ -375,8 +393,13 @@ def _read_bundle(bundle: dict, where: str, file: str, prefix: str, grouping: _Sp
         if rtype == "Bundle":
             yield from _read_bundle(resource, where, file, label + ".", grouping)
             continue
+        if rtype in MEDICATION_TYPES:
+            grouping.medications.add(resource, full_url=entry.get("fullUrl"), urns=urns)
+            continue
         if rtype not in RELEVANT_TYPES:
             continue
+        if rtype in MEDICATION_USE_TYPES:
+            normalise_medication_reference(resource, urns)
         if "id" not in resource:
             from_urn = urn_id(entry.get("fullUrl"))
             if from_urn:
@@ -384,33 +407,6 @@ def _read_bundle(bundle: dict, where: str, file: str, prefix: str, grouping: _Sp
         problem = grouping.add(resource, where, file, label=_label(resource, label), urns=urns)
         if problem is not None:
             yield problem
-
-
-def fullurl_index(entries: list) -> dict[str, tuple[str, str]]:
-    """fullUrl -> (resourceType, id) of a Bundle's entries: how `urn:uuid:` references resolve.
-
-    An entry without an id takes the uuid/oid of its `urn:` fullUrl (a transaction's POST).
-    Shared with the CDS Hooks prefetch reader, which resolves prefetch Bundles the same way.
-    """
-    urns: dict[str, tuple[str, str]] = {}
-    for entry in entries:
-        if not isinstance(entry, dict):
-            continue
-        full_url, resource = entry.get("fullUrl"), entry.get("resource")
-        if isinstance(full_url, str) and isinstance(resource, dict) and isinstance(resource.get("resourceType"), str):
-            rid = resource.get("id") if isinstance(resource.get("id"), str) else urn_id(full_url)
-            if rid:
-                urns[full_url] = (resource["resourceType"], rid)
-    return urns
-
-
-def urn_id(full_url: Any) -> str | None:
-    """The uuid or oid of a `urn:uuid:` / `urn:oid:` fullUrl, else None."""
-    if isinstance(full_url, str):
-        for prefix in _URN_PREFIXES:
-            if full_url.startswith(prefix) and len(full_url) > len(prefix):
-                return full_url[len(prefix) :]
-    return None
 
 
 # --------------------------------------------------------------------------- references
@@ -491,8 +487,11 @@ class _Spool:
     hash, file, where, label, resource). The key hash is hash((type, id)), None without an id.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, terminology: Terminology | None = None) -> None:
         self.limit = max(1, limit)
+        # Medications and Substances of the whole input, for the medicationReferences to them
+        # (fhir_aibl/references.py): in full only those a rule could read, else a hash.
+        self.medications = MedicationIndex(keep=_medication_keep(terminology or default_terminology()))
         self.files: list[str] = []
         self._file_index: dict[str, int] = {}
         self.buffer: list[tuple] = []
@@ -729,6 +728,8 @@ class _Spool:
         ordered.sort(key=lambda c: c[1]["resourceType"] != "Patient")
         kept: list[dict] = []
         for _pos, resource, entry in ordered:
+            if resource["resourceType"] in MEDICATION_USE_TYPES and "medicationReference" in resource:
+                resource = self.medications.inline(resource)  # a Medication elsewhere in the input, contained
             if validate is not None and validate(resource):
                 problem = _validate(self._item(resource, entry), self._memo)
                 if problem is not None:
@@ -752,6 +753,26 @@ class _Spool:
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None
+
+
+def _medication_keep(terminology: Terminology) -> Callable[[dict], bool]:
+    """Which Medications the index holds in full: those whose code, ingredients or text the facts
+    stage would read when contained, and those with an ingredient reference to follow."""
+    def keep(medication: dict) -> bool:
+        ingredients = medication.get("ingredient")
+        if isinstance(ingredients, list) and any(isinstance(i, dict) and "itemReference" in i for i in ingredients):
+            return True
+        as_medication = {**medication, "resourceType": "Medication", "id": "m"}  # a Substance: its code
+        if medication.get("resourceType") == "Substance":
+            as_medication.pop("ingredient", None)
+        probe = {"resourceType": "MedicationStatement", "medicationReference": {"reference": "#m"}, "contained": [as_medication]}
+        try:
+            found = medication_reading(probe, terminology)
+        except Exception:  # malformed beyond what the test can look at: hold it, validation will say
+            return True
+        return found is not None and found[2] != "unresolved"
+
+    return keep
 
 
 def _is_newer(new: dict, old: dict) -> bool:

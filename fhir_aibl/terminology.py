@@ -72,10 +72,27 @@ class ValueSet:
     data: Mapping[str, Any] = field(default_factory=dict)
 
 
+NDC_SYSTEM = "http://hl7.org/fhir/sid/ndc"
+# The 10-digit NDC comes as 4-4-2, 5-3-2 or 5-4-1 (labeler-product-package); the 11-digit
+# (HIPAA) form pads the short segment with a leading zero to 5-4-2. Both spellings occur in
+# real data, with and without hyphens; one form is compared.
+_NDC_WIDTHS = (5, 4, 2)
+
+
+def _norm_ndc(code: str) -> str:
+    parts = code.split("-")
+    if len(parts) == 3 and all(p.isdigit() for p in parts):
+        if all(len(p) <= w for p, w in zip(parts, _NDC_WIDTHS)):
+            return "".join(p.zfill(w) for p, w in zip(parts, _NDC_WIDTHS))
+    return code.replace("-", "")
+
+
 def _norm_code(system: str, code: str) -> str:
     code = str(code).strip()
     if system in ICD10_SYSTEMS:
         return code.replace(".", "").upper()
+    if system == NDC_SYSTEM:
+        return _norm_ndc(code)
     return code
 
 

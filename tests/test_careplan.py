@@ -40,7 +40,7 @@ RECOMMENDATION_CODES = (
 )
 FLAG_CODES = (
     "low-with-rf", "osteoporosis-by-dxa", "forearm-only", "dxa-stale", "t-unavailable",
-    "d3-only", "on-hold", "possible-fragility-fracture",
+    "d3-only", "on-hold", "possible-fragility-fracture", "medication-unresolved", "medication-by-text",
 )
 MONITORING = {"dxa-24m": (24, None), "dxa-12m": (12, None), "dxa-12-24m": (12, 24)}
 

@@ -51,6 +51,7 @@ from .. import __version__
 from ..assess import Assessor
 from ..careplan import load_catalogue
 from ..errors import AiblError
+from ..references import MEDICATION_USE_TYPES, MedicationIndex, medication_reference
 from .auth import JwtVerifier
 from . import about
 from .cards import CardBuilder, IssuedCard, fill_source_url
@@ -87,6 +88,10 @@ class ServiceDef:
     title: str
     description: str
     usage: str
+
+
+#: The fetch job of the Medications a patient's medication resources reference and the prefetch lacked.
+MEDICATION_JOB = "medication-references"
 
 
 @dataclass
@@ -253,9 +258,14 @@ class CdsService:
     def _draft_medications(self, req: HookRequest) -> list[dict]:
         """The draft MedicationRequests of order-select this service acts on: AI or antiresorptive."""
         out = []
-        for resource, urns in bundle_resources(req.context["draftOrders"]):
+        items = list(bundle_resources(req.context["draftOrders"]))
+        medications = MedicationIndex()  # a draft may reference a Medication entry of the same Bundle
+        for resource, urns in items:
+            medications.add(resource, urns=urns)
+        for resource, urns in items:
             if resource.get("resourceType") != "MedicationRequest":
                 continue
+            resource = medications.inline(resource, urns)
             if resource.get("subject") is not None:
                 # A draft order in this patient's context that names another patient is not ours to read.
                 owned = for_patient([(resource, urns)], req.patient_id).resources
@@ -290,7 +300,23 @@ class CdsService:
         jobs = {key: render(self.templates[key], req.patient_id) for key in collected.missing}
         for key, url in collected.incomplete.items():
             jobs.setdefault(key, url)
+        query = self._medication_query(req, collected.resources)
+        if query is not None:
+            jobs[MEDICATION_JOB] = query
         return _Prepared(items=collected.resources, jobs=jobs, failed=collected.failed)
+
+    def _medication_query(self, req: HookRequest, items: list[tuple[dict, dict]]) -> str | None:
+        """`Medication?_id=..` for the Medications this patient's resources reference and the prefetch
+        did not carry, when fhirServer may be asked; else None (they stay flagged medication-unresolved)."""
+        if not any(
+            r.get("resourceType") in MEDICATION_USE_TYPES and not str(medication_reference(r) or "#").startswith("#")
+            for r, _urns in items
+        ):
+            return None  # the usual case: codes, or contained Medications
+        if not req.fhirServer or not self.fetcher.allowed(req.fhirServer):
+            return None
+        wanted = [rid for rtype, rid in for_patient(items, req.patient_id).unresolved_medications if rtype == "Medication"]
+        return f"Medication?_id={','.join(wanted)}" if wanted else None
 
     async def _fetch(self, req: HookRequest, prepared: _Prepared) -> list[tuple[dict, dict]]:
         keys = ", ".join(sorted(prepared.jobs))
@@ -310,7 +336,9 @@ class CdsService:
                 for key, query in prepared.jobs.items()
             )
         )
-        errors = [f"{o.key}: {o.error}" for o in outcomes if o.error]
+        # A failed Medication look-up does not stop the assessment: what it did not find stays
+        # flagged medication-unresolved on the card.
+        errors = [f"{o.key}: {o.error}" for o in outcomes if o.error and o.key != MEDICATION_JOB]
         if errors:
             raise PrefetchUnavailableError(f"data the assessment needs could not be had from fhirServer ({'; '.join(errors)})")
         return [item for o in outcomes for item in o.resources or []]

@@ -202,6 +202,10 @@ class CardBuilder:
                              f"{'were' if n > 1 else 'was'} not used: check the chart.")
         self._log(assessment, [*data_notes, *for_log])
         if assessment.category == "not-applicable":
+            # Not on an aromatase inhibitor as far as can be read; but a medication that could
+            # not be read may be one: say so rather than stay silent.
+            if "medication-unresolved" in assessment.flags:
+                return [self._unread_medication_card(_Context(assessment, ClinicianText(self.catalogue, values), []))]
             return []
         blocks = active_blocks(self.safety, assessment)
         for block in blocks:
@@ -255,6 +259,20 @@ class CardBuilder:
     def _identifier(self, assessment: Assessment, *parts: str) -> Identifier:
         base = business_identifier(assessment).value
         return Identifier(system=SUGGESTION_SYSTEM, value="-".join((base, *parts)))
+
+    def _unread_medication_card(self, ctx: _Context) -> IssuedCard:
+        """A patient with no readable aromatase inhibitor, but a medication that could not be
+        read: it may be one, so the clinician is told rather than shown nothing."""
+        entry = self.catalogue.flags["medication-unresolved"]
+        card = {
+            "uuid": _uuid(),
+            "summary": _summary(f"{entry.title}: check for an aromatase inhibitor"),
+            "indicator": "warning",
+            "detail": ctx.text.sentence("medication-unresolved"),
+            "source": self._source(),
+            "links": self._links(ctx, ["medication-unresolved"]),
+        }
+        return IssuedCard(card, "assessment", suppressible=True)
 
     # -- the assessment card -----------------------------------------------------------------
     def _assessment_card(

@@ -39,18 +39,22 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..sources import RELEVANT_TYPES, fullurl_index, urn_id
+from ..references import (
+    MEDICATION_TYPES,
+    MEDICATION_USE_TYPES,
+    URN_PREFIXES,
+    MedicationIndex,
+    fullurl_index,
+    parse_reference,
+    urn_id,
+)
+from ..sources import RELEVANT_TYPES
 from ..terminology import Terminology
 from .errors import BadRequestError
 
 PATIENT_TOKEN = "{{context.patientId}}"
 #: FHIR R4 id datatype
 ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
-# `Type/id` at the end of a relative or absolute reference, optionally `/_history/<vid>`.
-_REF_RE = re.compile(
-    r"(?:^|/)(?P<type>[A-Z][A-Za-z]+)/(?P<id>[A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?/?$"
-)
-_URN_PREFIXES = ("urn:uuid:", "urn:oid:")
 _PATIENT_ELEMENTS = ("subject", "patient")
 
 #: Observation codes come from these value sets (every code the facts stage recognises on an
@@ -208,6 +212,8 @@ class Filtered:
     other_patient: int = 0
     #: resources of a relevant type that name no patient at all: dropped (ownership unprovable)
     unowned: int = 0
+    #: (type, id) of Medications the kept resources reference and nothing sent (fetch them, else flagged)
+    unresolved_medications: list[tuple[str, str]] = field(default_factory=list)
 
 
 def patient_of(resource: Mapping[str, Any], urns: Mapping[str, tuple[str, str]] | None = None) -> str | None:
@@ -222,15 +228,9 @@ def patient_of(resource: Mapping[str, Any], urns: Mapping[str, tuple[str, str]] 
         value = ref.get("reference")
         if not isinstance(value, str) or not value.strip():
             continue
-        value = value.strip()
-        if value.startswith(_URN_PREFIXES):
-            target = (urns or {}).get(value)
-            if target is not None and target[0] == "Patient":
-                return target[1]
-            continue
-        match = _REF_RE.search(value)
-        if match and match["type"] == "Patient":
-            return match["id"]
+        target = parse_reference(value, urns)  # relative, absolute, versioned, urn:uuid (fhir_aibl/references.py)
+        if target is not None and target[0] == "Patient":
+            return target[1]
     return None
 
 
@@ -244,6 +244,13 @@ def for_patient(items: Iterable[tuple[dict, Mapping[str, tuple[str, str]]]], pat
     kept: dict[tuple, dict] = {}
     out = Filtered(resources=[])
     anonymous = 0
+    items = list(items)
+    # Medications name no patient: any sent (an `_include`, a key of their own, a fetch) may be
+    # what a medicationReference of this patient's points to (fhir_aibl/references.py).
+    medications = MedicationIndex()
+    for resource, urns in items:
+        if resource.get("resourceType") in MEDICATION_TYPES:
+            medications.add(resource, urns=urns)
     for resource, urns in items:
         rtype = resource.get("resourceType")
         if rtype not in RELEVANT_TYPES:
@@ -256,6 +263,11 @@ def for_patient(items: Iterable[tuple[dict, Mapping[str, tuple[str, str]]]], pat
             out.other_patient += 1
             continue
         resource = _normalised(resource, patient_id)
+        if rtype in MEDICATION_USE_TYPES and "medicationReference" in resource:
+            resource = medications.inline(resource, urns)
+            for target in medications.unresolved(resource):
+                if target not in out.unresolved_medications:
+                    out.unresolved_medications.append(target)
         rid = resource.get("id")
         if isinstance(rid, str) and rid:
             key: tuple = (rtype, rid)
@@ -273,7 +285,7 @@ def for_patient(items: Iterable[tuple[dict, Mapping[str, tuple[str, str]]]], pat
 def _normalised(resource: dict, patient_id: str) -> dict:
     for element in _PATIENT_ELEMENTS:
         ref = resource.get(element)
-        if isinstance(ref, dict) and isinstance(ref.get("reference"), str) and ref["reference"].startswith(_URN_PREFIXES):
+        if isinstance(ref, dict) and isinstance(ref.get("reference"), str) and ref["reference"].startswith(URN_PREFIXES):
             return {**resource, element: {**ref, "reference": f"Patient/{patient_id}"}}
     return resource
 

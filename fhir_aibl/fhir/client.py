@@ -67,6 +67,7 @@ class SearchSpec:
 class ResourceCapabilities:
     search_params: set[str] = field(default_factory=set)
     rev_includes: set[str] = field(default_factory=set)
+    includes: set[str] = field(default_factory=set)
     interactions: set[str] = field(default_factory=set)
     conditional_create: bool | None = None
     update_create: bool | None = None
@@ -105,6 +106,7 @@ class Capabilities:
                 rc = caps.resources.setdefault(res["type"], ResourceCapabilities())
                 rc.search_params |= {p.get("name") for p in res.get("searchParam") or [] if isinstance(p, dict)}
                 rc.rev_includes |= {str(r) for r in res.get("searchRevInclude") or []}
+                rc.includes |= {str(r) for r in res.get("searchInclude") or []}
                 rc.interactions |= {i.get("code") for i in res.get("interaction") or [] if isinstance(i, dict)}
                 if "conditionalCreate" in res:
                     rc.conditional_create = bool(res["conditionalCreate"])
@@ -147,12 +149,20 @@ class Capabilities:
         return name in rc.search_params
 
     def rev_include(self, resource_type: str, spec: str) -> bool | None:
+        return self._declared(resource_type, "rev_includes", spec)
+
+    def include(self, resource_type: str, spec: str) -> bool | None:
+        """`_include=<spec>` on a search of `resource_type` (its `searchInclude`; `*` allows any)."""
+        return self._declared(resource_type, "includes", spec, wildcard=True)
+
+    def _declared(self, resource_type: str, field_name: str, spec: str, *, wildcard: bool = False) -> bool | None:
         rc = self._resource(resource_type)
         if rc is None:
             return None if not self.known or not self.resources else False
-        if not rc.rev_includes:
+        declared: set[str] = getattr(rc, field_name)
+        if not declared:
             return None
-        return spec in rc.rev_includes
+        return spec in declared or (wildcard and "*" in declared)
 
     def conditional_create(self, resource_type: str) -> bool | None:
         rc = self._resource(resource_type)

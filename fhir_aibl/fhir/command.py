@@ -1,6 +1,7 @@
 """`fhir-aibl run`: assess patients on a FHIR server, and write CarePlans back.
 
-    fhir-aibl run --fhir-base URL (--patient ID ... | --all) [--as-of DATE] [--write-back]
+    fhir-aibl run --fhir-base URL (--patient ID ... | --all | --group ID | --patients-file FILE)
+                  [--as-of DATE] [--write-back]
                   [--format table|json] [--explain] [--profile NAME]
                   [--token-file FILE | --smart-client-id ID --smart-key FILE [--smart-token-url URL]]
 
@@ -77,8 +78,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     who.add_argument(
         "--all",
         action="store_true",
-        help="assess every patient with an active or intended aromatase-inhibitor medication",
+        help="assess every patient with an active or intended aromatase-inhibitor medication "
+        "(a search by code, and through the referenced Medication where the server allows it)",
     )
+    who.add_argument(
+        "--group", metavar="ID", default=None, help="assess the members of this FHIR Group (e.g. an oncology registry)"
+    )
+    who.add_argument("--patients-file", type=Path, metavar="FILE", default=None, help="assess the patients listed, one id per line")
     parser.add_argument("--as-of", type=_date, default=None, help="reference date (default: today)")
     parser.add_argument(
         "--write-back",
@@ -258,6 +264,15 @@ def summary(report: RunReport, *, write_back: bool) -> list[str]:
             )
             + f"; setup {report.setup_requests}"
         )
+    # Patients whose medication could not be read, or was recognised by name only: counted here
+    # as well as flagged, so that a run never passes over them in silence (docs/medications.md).
+    unread = sum(1 for a in report.assessments if "medication-unresolved" in a.flags)
+    by_text = sum(1 for a in report.assessments if "medication-by-text" in a.flags)
+    if unread or by_text:
+        lines.append(
+            f"medications: {unread} patient(s) with a medication that could not be read (medication-unresolved), "
+            f"{by_text} with an aromatase inhibitor recognised by name only (medication-by-text)"
+        )
     return lines
 
 
@@ -309,13 +324,21 @@ def run(
             print(f"fatal: {exc}", file=err)
             report = _not_attempted(args, "the run could not start")
         else:
-            show = args.progress == "always" or (args.progress == "auto" and args.all and err.isatty())
+            population = args.all or args.group is not None or args.patients_file is not None
+            show = args.progress == "always" or (args.progress == "auto" and population and err.isatty())
             progress = Progress(err) if show else None
             runner = Runner(
                 client, assessor, as_of=as_of, write_back=args.write_back, catalogue=catalogue, on_progress=progress
             )
             try:
-                report = runner.run(None if args.all else args.patient)
+                if args.patients_file is not None:
+                    from .population import read_patients_file
+
+                    report = runner.run(read_patients_file(args.patients_file))
+                elif args.group is not None:
+                    report = runner.run(group=args.group)
+                else:
+                    report = runner.run(None if args.all else args.patient)
             except AiblError as exc:
                 if progress:
                     progress.close()

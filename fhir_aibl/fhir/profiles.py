@@ -48,6 +48,17 @@ class VendorProfile:
     client_assigned_ids: bool = True
     #: The server answers `MedicationStatement?code=..` without a patient (needed by `--all`).
     population_search: bool = True
+    #: `--all` also searches `MedicationRequest?medication.code=..` (chained through the referenced
+    #: Medication), where the CapabilityStatement lists the `medication` parameter: finds the
+    #: patients whose drug is given only by reference. Needs population_search's patient-less search.
+    chained_medication_search: bool = True
+    #: Ask for the referenced Medications with `_include=<Type>:medication` on the medication
+    #: searches (where the CapabilityStatement does not deny it); without it, or for what an
+    #: include did not bring, the referenced Medications are read by id (`Medication?_id=..`,
+    #: else one read each), once per run.
+    medication_include: bool = True
+    #: `--group ID` reads the members of a FHIR Group (a registry the EHR maintains).
+    group_members: bool = True
     #: Send `Prefer: handling=strict`, asking the server to refuse rather than ignore an unknown search
     #: parameter (an ignored `patient=` would return everybody's data).
     strict_handling: bool = True
@@ -72,12 +83,14 @@ PROFILES: dict[str, VendorProfile] = {
             page_size=100,
             # _include/_revinclude seen truncated without a next link (DESIGN.md, known traps).
             revinclude=False,
+            medication_include=False,
         ),
         VendorProfile(
             name="azure",
             description="Azure Health Data Services / Azure API for FHIR.",
             page_size=100,
             revinclude=False,  # truncated without a next link (DESIGN.md, known traps)
+            medication_include=False,
         ),
         VendorProfile(
             name="google",
@@ -98,6 +111,11 @@ PROFILES: dict[str, VendorProfile] = {
             client_assigned_ids=False,
             # Epic searches are patient-scoped; a population comes from a Group (Bulk Data) or a list of ids.
             population_search=False,
+            chained_medication_search=False,
+            # Epic answers a MedicationRequest search with the referenced Medications beside the
+            # requests (search.mode include) on its own; they are read from any search answer, and
+            # what is missing is read by id. Not asked with _include (not in every release).
+            medication_include=False,
         ),
         VendorProfile(
             name="oracle",
@@ -109,6 +127,9 @@ PROFILES: dict[str, VendorProfile] = {
             conditional_create=False,
             client_assigned_ids=False,
             population_search=False,
+            chained_medication_search=False,
+            # Oracle Health mostly sends the drug as a contained Medication; a referenced one is read by id.
+            medication_include=False,
         ),
     )
 }

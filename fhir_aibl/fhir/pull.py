@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..careplan import IDENTIFIER_SYSTEM
+from ..references import MEDICATION_USE_TYPES, MedicationIndex, medication_reference, parse_reference
 from ..sources import RELEVANT_TYPES
 from ..validation import ValidationMemo, model_for
 from .client import FhirClient, SearchSpec, entry_status
@@ -62,10 +63,9 @@ PULL_TYPES = (
 assert set(PULL_TYPES) == RELEVANT_TYPES - {"Patient"}, "pull and file source read different resource types"
 #: Statuses of a batch POST that mean "this server does not do batch here", not "this batch is wrong".
 _BATCH_REFUSED = frozenset({400, 404, 405, 415, 422, 501})
-_REF_RE = re.compile(
-    r"(?:^|/)(?P<type>[A-Z][A-Za-z]+)/(?P<id>[A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?/?$"
-)
 _PATIENT_ELEMENTS = ("subject", "patient")
+#: Medication ids per `Medication?_id=` search (keeps the URL short).
+_ID_CHUNK = 50
 #: FHIR R4 id datatype. A patient id goes into URLs and batch entries: anything else
 #: (`1&patient=2`, `../Group/x`) could turn one patient's search into another's.
 _ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
@@ -105,9 +105,9 @@ def patient_of(resource: Mapping[str, Any], base_url: str) -> str | None:
         value = value.strip()
         if value.startswith(("http://", "https://")) and not value.startswith(base_url.rstrip("/") + "/"):
             return None
-        match = _REF_RE.search(value)
-        if match and match["type"] == "Patient":
-            return match["id"]
+        target = parse_reference(value)  # relative, absolute, versioned (fhir_aibl/references.py)
+        if target is not None and target[0] == "Patient":
+            return target[1]
         return None
     return None
 
@@ -153,6 +153,9 @@ class Puller:
         self._revinclude_refused = False
         self._scans: dict[str, dict[str, list[dict]]] = {}
         self.warnings_once: list[str] = []
+        # Medications are shared between patients (a formulary): read once per run, kept by id.
+        self.medications = MedicationIndex()
+        self._medications_missing: set[str] = set()
 
     # -- planning ----------------------------------------------------------------------------
     def _patient_param(self, resource_type: str) -> str | None:
@@ -174,6 +177,8 @@ class Puller:
                 unsearchable.append(rtype)
                 continue
             base = SearchSpec(rtype, ((param, patient_id),))
+            if rtype in MEDICATION_USE_TYPES and self._include_medication(rtype):
+                base = base.with_params(("_include", f"{rtype}:medication"))
             if rtype == "Observation" and profile.observation_category_required:
                 # Epic refuses Observation searches without a category: one search per category.
                 for category in profile.observation_categories:
@@ -187,6 +192,11 @@ class Puller:
                 spec = spec.with_params(("identifier", f"{IDENTIFIER_SYSTEM}|"))
             out.append(("careplan", spec.with_params(count)))
         return out, unsearchable
+
+    def _include_medication(self, rtype: str) -> bool:
+        """`_include=<rtype>:medication` where the profile allows it and the server declares it (a
+        strict server refuses an include it does not know, and that would fail the patient)."""
+        return self.client.profile.medication_include and self.client.capabilities().include(rtype, f"{rtype}:medication") is True
 
     def _use_batch(self) -> bool:
         return (
@@ -219,6 +229,7 @@ class Puller:
             found.append(("clinical", self._unsearchable(rtype, patient_id, result)))
         if patient is None:
             raise FhirError(f"Patient/{patient_id}: the server answered no Patient resource")
+        found = self._resolve_medications(found)
         self._assemble(result, patient, found)
         result.requests = self.client.stats.requests - before
         return result
@@ -291,6 +302,59 @@ class Puller:
             if i not in via_rev:
                 found[i] = (purpose, self.client.search(spec))
         return patient, found, strategy
+
+    # -- medications by reference ---------------------------------------------------------------
+    def _resolve_medications(self, found: list[tuple[str, list[dict]]]) -> list[tuple[str, list[dict]]]:
+        """Medications out of the answers (an `_include`, or sent on the server's own), the ones still
+        missing read by id, and each medication resource given its Medication as a contained one
+        (fhir_aibl/references.py). A Medication the server does not have stays unresolved: the
+        facts stage flags it (medication-unresolved)."""
+        found = [(purpose, [r for r in resources if not self.medications.add(r)]) for purpose, resources in found]
+        wanted: list[str] = []
+        for _purpose, resources in found:
+            for r in resources:
+                if r.get("resourceType") not in MEDICATION_USE_TYPES:
+                    continue
+                for rtype, rid in self.medications.unresolved(r):
+                    if rtype == "Medication" and self._on_this_server(medication_reference(r)):
+                        if rid not in self._medications_missing and rid not in wanted:
+                            wanted.append(rid)
+        if wanted:
+            self._read_medications(wanted)
+        return [
+            (purpose, [self.medications.inline(r) if r.get("resourceType") in MEDICATION_USE_TYPES else r for r in resources])
+            for purpose, resources in found
+        ]
+
+    def _on_this_server(self, reference: Any) -> bool:
+        value = str(reference or "").strip()
+        if value.startswith(("http://", "https://")):
+            return value.startswith(self.client.base_url.rstrip("/") + "/")
+        return parse_reference(value) is not None
+
+    def _read_medications(self, ids: list[str]) -> None:
+        """Read Medications by id: one batch, else `Medication?_id=a,b,..`, else one read each."""
+        caps = self.client.capabilities()
+        if self._use_batch():
+            entries = [{"request": {"method": "GET", "url": f"Medication/{rid}"}} for rid in ids]
+            for answer in self.client.batch(entries, read_only=True, what="batch of Medication reads"):
+                if 200 <= entry_status(answer) < 300:
+                    self.medications.add(answer.get("resource"))
+        elif caps.search_param("Medication", "_id") is not False:
+            for i in range(0, len(ids), _ID_CHUNK):
+                spec = SearchSpec("Medication", (("_id", ",".join(ids[i : i + _ID_CHUNK])), ("_count", str(_ID_CHUNK))))
+                self.medications.add_all(self.client.search(spec))
+        else:
+            for rid in ids:
+                try:
+                    self.medications.add(self.client.read("Medication", rid))
+                except ServerError as exc:
+                    if exc.status not in (404, 410):
+                        raise
+        for rid in ids:
+            if not self.medications.knows("Medication", rid):
+                self._medications_missing.add(rid)
+                self._warn_once(f"Medication/{rid} is referenced but the server does not return it")
 
     def _unsearchable(self, rtype: str, patient_id: str, result: PatientPull) -> list[dict]:
         mode = self.client.profile.unsearchable

@@ -31,7 +31,7 @@ from ..careplan import Catalogue
 from ..errors import AiblError, NoUsableDataError
 from .client import FhirClient
 from .errors import AuthError, Conflict, FhirError, RateLimited, TransportError, Unavailable
-from .population import Population, select_population
+from .population import Population, group_members, select_population
 from .pull import Puller
 from .writeback import WriteModes, apply_plan, plan_write
 
@@ -143,8 +143,8 @@ class Runner:
     def select(self) -> Population:
         return select_population(self.client, self.assessor.terminology)
 
-    def run(self, patient_ids: Iterable[str] | None = None) -> RunReport:
-        """Run over the given patients, or over the population (`None`).
+    def run(self, patient_ids: Iterable[str] | None = None, *, group: str | None = None) -> RunReport:
+        """Run over the given patients, the members of a FHIR Group (`group`), or the population (`None`).
 
         Raises FhirError only when nothing can run (no server, refused credentials, no
         population search); every per-patient problem ends in that patient's outcome.
@@ -156,7 +156,10 @@ class Runner:
             report.warnings.append(
                 f"no usable CapabilityStatement ({caps.problem or 'none'}); using the profile's defaults"
             )
-        if patient_ids is None:
+        if group is not None:
+            report.population = group_members(self.client, group)
+            ids = report.population.patient_ids
+        elif patient_ids is None:
             report.population = self.select()
             ids = report.population.patient_ids
         else:

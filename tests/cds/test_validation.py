@@ -58,10 +58,11 @@ def test_what_facts_reads_is_selected(assessor):
     assert needs_validation({"resourceType": "Patient"}, term)
     assert needs_validation({"resourceType": "FamilyMemberHistory"}, term)
     assert not needs_validation({"resourceType": "Condition", "code": {"text": "sprained ankle"}}, term)
-    # a contained Medication is read by facts.py: validated; a Medication elsewhere is not read (README, Limits)
+    # a contained Medication is read by facts.py: validated; so is a reference that resolves to nothing
+    # in the input (facts.py reads it to flag medication-unresolved, docs/medications.md)
     contained = {"resourceType": "Medication", "id": "m", "code": {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "84857"}]}}
     assert needs_validation({"resourceType": "MedicationStatement", "medicationReference": {"reference": "#m"}, "contained": [contained]}, term)
-    assert not needs_validation({"resourceType": "MedicationStatement", "medicationReference": {"reference": "Medication/m"}}, term)
+    assert needs_validation({"resourceType": "MedicationStatement", "medicationReference": {"reference": "Medication/m"}}, term)
 
 
 @pytest.mark.parametrize(
