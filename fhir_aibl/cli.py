@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import __version__
-from .assess import RULES_DIR, Assessor, Result
+from .assess import PATIENT_MISSING, RULES_DIR, Assessor, Result
 from .assessment import Assessment
-from .errors import AiblError, NoUsableDataError
+from .errors import AiblError, NoUsableDataError, PatientMissingError
 from .sources import PatientRecord, iter_records
 
 PROJECT_DIR = RULES_DIR.parent
@@ -130,6 +130,9 @@ def iter_assessments(
             continue
         for note in result.facts.problems:
             _err(f"warning: {note}")
+        if result.patient_missing:
+            # Still assessed and printed, but the run must say the record is incomplete (exit 1).
+            problems.append(PatientMissingError(PATIENT_MISSING, source=source, resource=item.patient_ref))
         yield result
 
 

@@ -13,7 +13,8 @@ terminal), warnings, the failures with their reasons and a summary: patients fou
 assessed, written, unchanged, failed, and the round trips measured.
 
 Exit status: 0 every patient found was assessed (and written or unchanged); 1 some
-patient failed (the others are done); 2 nothing could run (bad arguments or settings,
+patient failed (the others are done), or was assessed from an incomplete record (no usable
+Patient resource: age unknown, named under "problems" in the summary); 2 nothing could run (bad arguments or settings,
 the server unreachable, credentials refused, no population search).
 """
 
@@ -202,6 +203,11 @@ def summary(report: RunReport, *, write_back: bool) -> list[str]:
         f"patients found {report.found}, assessed {report.count('assessed')}, written {report.count('written')}, "
         f"unchanged {report.count('unchanged')}, failed {report.count('failed')}"
     ]
+    if report.with_problems:
+        lines.append(
+            "problems (assessed, record incomplete): "
+            + ", ".join(f"{o.patient_ref} ({'; '.join(o.problems)})" for o in report.with_problems)
+        )
     pulled = [o for o in report.outcomes if o.pull_requests]
     if pulled:
         lines.append(
@@ -282,13 +288,16 @@ def run(
                 print(f"warning: {outcome.patient_ref}: {message}", file=err)
         for outcome in report.failed:
             print(f"failed: {outcome.patient_ref}: {outcome.reason}", file=err)
+        for outcome in report.with_problems:
+            for message in outcome.problems:
+                print(f"error: {outcome.patient_ref}: {message}", file=err)
         for line in summary(report, write_back=args.write_back):
             print(line, file=err)
         print(
             f"ruleset {assessor.rulebook.name}; as of {as_of}; server {client.base_url} ({client.profile.name})",
             file=err,
         )
-        return 1 if report.failed else 0
+        return 1 if report.failed or report.with_problems else 0
     finally:
         if handler is not None:
             log.removeHandler(handler)
