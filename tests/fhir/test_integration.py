@@ -1,5 +1,5 @@
 """End to end against a real FHIR server (SEKMET, started by the test suite on 127.0.0.1),
-loaded with the 52 worked examples and, when ../shared/data is beside the project, the 21
+loaded with the 60 worked examples and, when ../shared/data is beside the project, the 21
 Synthea records and the mCODE patient Jenny M (all of them, about 6,100 resources).
 
 These run on CI (CI=true makes an unavailable server a failure, not a skip).
