@@ -55,11 +55,13 @@ def test_a_conflict_is_found(tmp_path, capsys):
     path = _copy_rules(tmp_path)
     text = path.read_text().replace(
         "  - id: REC-HIGH-POTENT-AR\n    stage: 6\n    title: High - potent antiresorptive, after a contraindication check\n"
-        "    when: {c: {t: category, value: high}}\n    unless: [{t: on_ar}]\n    assert:\n      - {t: rec, code: potent-ar}\n",
+        "    when: {c: {t: category, value: high}}\n    unless:\n      - {t: on_ar}\n      - {t: osteoporosis_regimen}\n"
+        "    assert:\n      - {t: rec, code: potent-ar}\n",
         "  - id: REC-HIGH-POTENT-AR\n    stage: 6\n    title: High - potent antiresorptive, after a contraindication check\n"
-        "    when: {c: {t: category, value: high}}\n    unless: [{t: on_ar}]\n    assert:\n      - {t: rec, code: potent-ar}\n"
-        "      - {t: rec, code: oral-bp}\n",
+        "    when: {c: {t: category, value: high}}\n    unless:\n      - {t: on_ar}\n      - {t: osteoporosis_regimen}\n"
+        "    assert:\n      - {t: rec, code: potent-ar}\n      - {t: rec, code: oral-bp}\n",
     )
+    assert "code: oral-bp}\n" in text.split("REC-HIGH-POTENT-AR")[1].split("- id:")[0]
     path.write_text(text)
     report = check(Assessor(path))
     assert not report.ok
