@@ -87,7 +87,10 @@ RISK_FACTOR_TEXT = {
 SITE_TEXT = {"LS": "lumbar spine", "TH": "total hip", "FN": "femoral neck", "FA": "forearm", "forearm": "forearm"}
 #: Which recommendation the one-line summary names first: the most consequential action.
 SUMMARY_PRIORITY = (
-    "potent-ar", "switch-iv", "za-4mg-q6m", "oral-bp", "dmab-transition", "dxa-now", "specialist",
+    # e2-monitor before potent-ar-osteoporosis: for a man on testosterone, reviewing the
+    # anastrozole comes first (CLINICAL.md G27)
+    "potent-ar", "e2-monitor", "potent-ar-osteoporosis", "switch-iv", "za-4mg-q6m", "oral-bp", "dmab-transition",
+    "post-ai-continue", "dxa-now", "specialist", "complete-record",
     "dental-review", "secondary-causes", "dxa-12m", "dxa-12-24m", "dxa-24m",
 )
 _DOI = re.compile(r"doi:\s*(10\.\d{4,9}/[^\s;,]+[^\s;,.])", re.IGNORECASE)
