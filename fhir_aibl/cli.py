@@ -229,7 +229,9 @@ def _assess(args: argparse.Namespace) -> int:
         print(fhir_bundle_json(assessments))
     else:
         print(format_table(assessments))
-        print(f"\n{len(assessments)} assessed, {len(problems)} rejected; ruleset {assessor.rulebook.name}; as of {as_of}")
+        incomplete = sum(isinstance(p, PatientMissingError) for p in problems)
+        rejected = f"{len(problems) - incomplete} rejected" + (f", {incomplete} without a usable Patient" if incomplete else "")
+        print(f"\n{len(assessments)} assessed, {rejected}; ruleset {assessor.rulebook.name}; as of {as_of}")
     return 1 if problems else 0
 
 
