@@ -109,3 +109,11 @@ def test_the_claims_would_catch_the_old_transition_text():
         ai_status, antiresorptive, sex = "active", "denosumab-stopped-or-overdue", "female"
 
     assert not holds(State)
+
+
+def test_every_recommendation_and_flag_the_rules_can_give_has_a_catalogue_entry(assessor):
+    recs = {a["code"] for r in assessor.rulebook.rules for a in r.asserts if a.get("t") == "rec"}
+    flags = {a["code"] for r in assessor.rulebook.rules for a in r.asserts if a.get("t") == "flag"}
+    assert {"potent-ar-osteoporosis", "post-ai-continue", "complete-record"} <= recs
+    assert {"score-substituted", "age-unknown"} <= flags
+    assert CATALOGUE.missing(recommendations=recs, flags=flags) == []
