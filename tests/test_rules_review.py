@@ -22,7 +22,11 @@ def test_shipped_rules_pass_the_check(mode):
 def test_decision_space_covers_every_dimension():
     names = [case.name for case in enumerate_cases()]
     for part in ("active", "planned", "stopped", "none", "T -2.0", "RF 4", "fracture fragility",
-                 "DXA stale", "DXA bmd-only", "therapy denosumab", "woman-38-ofs", "man-45-trt", "crcl-25"):
+                 "DXA stale", "DXA bmd-only", "therapy denosumab", "woman-38-ofs", "man-45-trt", "crcl-25",
+                 # issue 15 / issue 10: the populations and cases of G24-G29 and the missing Patient
+                 "woman-47-no-ofs-z-only", "man-45-trt-t-only", "man-60-breast-cancer", "patient-missing",
+                 "fracture possible-vertebral", "fracture high-energy-radius", "stale-t-moderate",
+                 "T -1.8 | RF 0 | fracture none | DXA stale"):
         assert any(part in n for n in names), part
 
 
