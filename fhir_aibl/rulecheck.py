@@ -15,8 +15,8 @@ under `checks:` plus these, which no rule file can switch off:
 - `ca-vitd` whenever an antiresorptive is recommended (started, switched, or the bisphosphonate
   that follows denosumab) or continues, with or without the aromatase inhibitor (G26);
 - `ci-check` whenever a drug is started or switched, the denosumab follow-on included (G17, G26);
-- never the breast-cancer adjuvant regimen (`potent-ar`, `za-4mg-q6m`: zoledronic acid 4 mg
-  every 6 months) for a man without breast cancer (G27);
+- never the breast-cancer adjuvant regimen (`potent-ar`, `za-4mg-q6m`, `switch-iv`: zoledronic
+  acid 4 mg every 6 months among the choices) for a man without breast cancer (G27);
 - every rule fires in at least one combination (a rule that cannot fire is dead or mis-staged).
 
 `CheckReport.samples` keeps, for every combination of aromatase-inhibitor state, antiresorptive
@@ -173,9 +173,11 @@ class Case:
 
 
 #: Recommendations that start or switch an antiresorptive (the denosumab follow-on included).
-STARTS = frozenset({"oral-bp", "potent-ar", "potent-ar-osteoporosis", "za-4mg-q6m", "switch-iv", "dmab-transition"})
+STARTS = frozenset({
+    "oral-bp", "potent-ar", "potent-ar-osteoporosis", "za-4mg-q6m", "switch-iv", "switch-iv-osteoporosis", "dmab-transition",
+})
 #: The breast-cancer adjuvant regimen (zoledronic acid 4 mg every 6 months among its choices).
-ADJUVANT = frozenset({"potent-ar", "za-4mg-q6m"})
+ADJUVANT = frozenset({"potent-ar", "za-4mg-q6m", "switch-iv"})
 
 
 def antiresorptive_state(case: Case, derivation) -> str:

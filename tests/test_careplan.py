@@ -35,7 +35,7 @@ RECOMMENDATION_CODES = (
     "dxa-now", "dxa-24m", "dxa-12m", "dxa-12-24m", "oral-bp", "potent-ar", "za-4mg-q6m",
     "ci-check", "ca-vitd", "exercise", "secondary-causes", "adherence", "switch-iv", "post-ai",
     "dmab-transition", "btm-optional", "e2-monitor", "specialist", "dental-review",
-    "potent-ar-osteoporosis", "post-ai-continue", "complete-record",
+    "potent-ar-osteoporosis", "post-ai-continue", "complete-record", "switch-iv-osteoporosis",
 )
 FLAG_CODES = (
     "low-with-rf", "osteoporosis-by-dxa", "forearm-only", "dxa-stale", "t-unavailable",

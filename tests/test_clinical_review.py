@@ -132,6 +132,19 @@ def test_4_a_man_on_testosterone_and_anastrozole_gets_osteoporosis_regimens_and_
     assert CATALOGUE.recommendations["e2-monitor"].text.startswith("First, review whether anastrozole")
 
 
+def test_4_a_switch_for_such_a_man_uses_osteoporosis_doses_too(assessor):
+    """Rapid loss on alendronate: the switch offers zoledronic acid 5 mg yearly or denosumab, never 4 mg."""
+    a = assess(assessor, "X15", gender="male", birth="1966-01-15", breast_cancer=False,
+               dxa=[fx.bmd("2025-02-15", 1.000), fx.bmd(fx.DXA_DATE, 0.940)] + fx.dxa_tmin(-2.1),
+               other_meds=[{"drug": "testosterone", "status": "active", "start": "2025-06-01", "end": None,
+                            "dosage": "testosterone 100 mg weekly", "label": "testosterone"},
+                           {"drug": "alendronate", "status": "active", "start": "2024-01-01", "end": None,
+                            "dosage": "alendronate 70 mg weekly", "label": "alendronate"}])
+    assert "switch-iv" not in a.recommendations
+    assert {"switch-iv-osteoporosis", "ci-check", "adherence", "ca-vitd"} <= set(a.recommendations)
+    assert {p.dosage for p in CATALOGUE.recommendations["switch-iv-osteoporosis"].products} == {"5 mg", "60 mg"}
+
+
 # ------------------------------------------------------------------ finding 5: stale DXA, no birth date
 def test_5_a_stale_dxa_that_showed_osteoporosis_is_not_treated_as_nothing_known(assessor):
     a = assess(assessor, "X10", dxa=fx.dxa_tmin(-2.8, date="2023-12-01"))

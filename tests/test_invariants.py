@@ -120,6 +120,7 @@ def _valid_dxa(facts) -> bool:
 
 RANK = {"low": 0, "indeterminate": 1, "moderate": 2, "high": 3}
 STARTS = {"oral-bp", "potent-ar", "potent-ar-osteoporosis", "za-4mg-q6m"}
+SWITCHES = {"switch-iv", "switch-iv-osteoporosis", "dmab-transition"}
 #: What an assessment can still say after the aromatase inhibitor: the post-AI review, the
 #: denosumab transition with its contraindication check (and what that check finds), calcium and
 #: vitamin D while a bone treatment continues, and the DXA after the switch.
@@ -155,7 +156,7 @@ def test_safety_invariants(assessor, facts):
     if "age" not in next(f for f in facts if f["t"] == "patient"):
         assert a.category != "low", "low with age unknown"
     starts = STARTS & set(a.recommendations)
-    if starts or "dmab-transition" in a.recommendations:
+    if starts or SWITCHES & set(a.recommendations):
         assert {"ci-check", "ca-vitd"} <= set(a.recommendations)
     on_ar = any(f["t"] == "antiresorptive" and f["status"] == "active" and not f["ended"] for f in facts)
     if on_ar:

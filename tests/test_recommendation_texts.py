@@ -43,7 +43,7 @@ CLAIMS = [
     (r"already takes an antiresorptive", lambda s: s.antiresorptive in ON_AR, "an antiresorptive is being taken"),
     (r"falling fast on an oral bisphosphonate", lambda s: s.antiresorptive == "bisphosphonate",
      "a bisphosphonate is being taken"),
-    (r"in a man taking an aromatase inhibitor without breast cancer",
+    (r"in a man taking an aromatase\s+inhibitor without breast cancer",
      lambda s: s.sex == "male" and not s.breast_cancer, "a man without breast cancer"),
     (r"shows no osteoporosis", lambda s: not _osteoporosis(s), "no osteoporosis, no fracture"),
     (r"shows osteoporosis \(T-score\s+−2\.5 or lower\) or a fragility fracture", _osteoporosis,
@@ -114,6 +114,6 @@ def test_the_claims_would_catch_the_old_transition_text():
 def test_every_recommendation_and_flag_the_rules_can_give_has_a_catalogue_entry(assessor):
     recs = {a["code"] for r in assessor.rulebook.rules for a in r.asserts if a.get("t") == "rec"}
     flags = {a["code"] for r in assessor.rulebook.rules for a in r.asserts if a.get("t") == "flag"}
-    assert {"potent-ar-osteoporosis", "post-ai-continue", "complete-record"} <= recs
+    assert {"potent-ar-osteoporosis", "post-ai-continue", "complete-record", "switch-iv-osteoporosis"} <= recs
     assert {"score-substituted", "age-unknown"} <= flags
     assert CATALOGUE.missing(recommendations=recs, flags=flags) == []

@@ -89,7 +89,8 @@ SITE_TEXT = {"LS": "lumbar spine", "TH": "total hip", "FN": "femoral neck", "FA"
 SUMMARY_PRIORITY = (
     # e2-monitor before potent-ar-osteoporosis: for a man on testosterone, reviewing the
     # anastrozole comes first (CLINICAL.md G27)
-    "potent-ar", "e2-monitor", "potent-ar-osteoporosis", "switch-iv", "za-4mg-q6m", "oral-bp", "dmab-transition",
+    "potent-ar", "e2-monitor", "potent-ar-osteoporosis", "switch-iv", "switch-iv-osteoporosis", "za-4mg-q6m", "oral-bp",
+    "dmab-transition",
     "post-ai-continue", "dxa-now", "specialist", "complete-record",
     "dental-review", "secondary-causes", "dxa-12m", "dxa-12-24m", "dxa-24m",
 )
