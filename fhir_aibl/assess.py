@@ -37,6 +37,17 @@ class Result:
     assessment: Assessment
     facts: FactSet
 
+    @property
+    def patient_missing(self) -> bool:
+        """No usable Patient resource: assessed with age and sex unknown (rule AGE-UNKNOWN)."""
+        return any(f["t"] == "patient" and f.get("record") == "missing" for f in self.facts.facts)
+
+
+PATIENT_MISSING = (
+    "no usable Patient resource (absent, not found, or invalid): assessed with age and sex unknown, "
+    "flagged age-unknown, never low"
+)
+
 
 class Assessor:
     def __init__(self, rules_path: Path | None = None, valuesets_dir: Path | None = None, mode: str = "default"):
@@ -157,7 +168,8 @@ def build_assessment(
         for derived in derivation.of_type(sel_spec["fact"]):
             selected.append(
                 SelectedT(
-                    score=score,
+                    # the score actually read: a substituted score (G24) says which one stood in
+                    score=str(derived.fact.get("score") or score),
                     site=str(derived.fact["site"]),
                     value=float(derived.fact["value"]),
                     evidence=tuple(derivation.evidence_for(derived.key)),

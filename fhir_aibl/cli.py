@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import __version__
-from .assess import Assessor, Result
+from .assess import PATIENT_MISSING, Assessor, Result
 from .assessment import Assessment
-from .errors import AiblError, NoUsableDataError
+from .errors import AiblError, NoUsableDataError, PatientMissingError
 from .resources import RULES_HELP, examples_dir
 from .sources import PatientRecord, iter_records
 
@@ -181,6 +181,9 @@ def iter_assessments(
             continue
         for note in result.facts.problems:
             _err(f"warning: {note}")
+        if result.patient_missing:
+            # Still assessed and printed, but the run must say the record is incomplete (exit 1).
+            problems.append(PatientMissingError(PATIENT_MISSING, source=source, resource=item.patient_ref))
         yield result
 
 
@@ -280,7 +283,9 @@ def _assess(args: argparse.Namespace) -> int:
         print(fhir_bundle_json(assessments, assessor.paths.catalogue))
     else:
         print(format_table(assessments))
-        print(f"\n{len(assessments)} assessed, {len(problems)} rejected; ruleset {assessor.rulebook.name}; as of {as_of}")
+        incomplete = sum(isinstance(p, PatientMissingError) for p in problems)
+        rejected = f"{len(problems) - incomplete} rejected" + (f", {incomplete} without a usable Patient" if incomplete else "")
+        print(f"\n{len(assessments)} assessed, {rejected}; ruleset {assessor.rulebook.name}; as of {as_of}")
     return 1 if problems else 0
 
 

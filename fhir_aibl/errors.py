@@ -7,7 +7,8 @@
         ├── NotJsonError           not-json           a file or line is not JSON
         ├── NotFhirError           not-fhir           JSON that is not a FHIR resource or Bundle
         ├── InvalidResourceError   resource-invalid   a resource fails FHIR R4 validation
-        └── NoUsableDataError      no-usable-data     a patient group with nothing to assess
+        ├── NoUsableDataError      no-usable-data     a patient group with nothing to assess
+        └── PatientMissingError    patient-missing    no usable Patient resource: assessed with age unknown
 
 Code facing HTTP or FHIR turns these into an OperationOutcome (see `operation_outcome`)
 or a 4xx with the reason; the command line prints them one per line and carries on.
@@ -75,4 +76,15 @@ class InvalidResourceError(InputError):
 
 class NoUsableDataError(InputError):
     code = "no-usable-data"
+    issue_type = "not-found"
+
+
+class PatientMissingError(InputError):
+    """The record has no usable Patient resource (absent, refers to no Patient, or invalid).
+
+    Not fatal: the patient is still assessed, with age and sex unknown (flag `age-unknown`,
+    never a category lower than the data could support); this error names the gap.
+    """
+
+    code = "patient-missing"
     issue_type = "not-found"

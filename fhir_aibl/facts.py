@@ -410,7 +410,9 @@ class _Extractor:
         if onset is not None and onset > self.as_of:
             return
         ref = reference_of(res)
-        marker = any(self.term.match_text("conditions", t) for t in _mechanism_texts(res) if t)
+        mechanism = _mechanism_properties(res, self.term)
+        marker = bool(mechanism.get("fragility"))
+        high_energy = bool(mechanism.get("high_energy"))
         for concept in concepts:
             name = concept.get("concept")
             if name == "fracture":
@@ -418,6 +420,7 @@ class _Extractor:
                     "site": concept.get("fracture_site", "other"),
                     "fragility": bool(concept.get("fragility", False)),
                     "marker": marker,
+                    "high_energy": high_energy,
                     "possible_fragility_code": concept.get("possible_fragility_age") is not None,
                 }
                 onset_age = res.get("onsetAge")
@@ -834,6 +837,18 @@ def reads_resource(res: Mapping[str, Any], term: Terminology) -> bool:
     return rtype in ("Patient", "FamilyMemberHistory")
 
 
+def _mechanism_properties(res: Mapping[str, Any], term: Terminology) -> dict[str, Any]:
+    """What the mechanism words of a Condition say: `fragility` (low-trauma) and/or `high_energy`."""
+    found: dict[str, Any] = {}
+    rules = term.valueset("conditions").texts
+    for text in _mechanism_texts(res):
+        lowered = text.lower()
+        for rule in rules:
+            if rule.contains in lowered:
+                found.update(rule.properties)
+    return found
+
+
 def _mechanism_texts(res: Mapping[str, Any]) -> list[str]:
     """Where a record says how a fracture happened, when no code says it.
 
@@ -938,7 +953,12 @@ def extract_facts(patient_ref: str, resources: Iterable[Mapping[str, Any]], as_o
         elif rtype in _DXA_EVENT_TYPES:
             ex.dxa_event(res)
     ex.flush_latest()
-    ex.derived_measurements([f["refs"][0] for f in ex.facts if f["t"] == "patient"])
+    if ex.facts and not any(f["t"] == "patient" for f in ex.facts):
+        # No usable Patient resource (absent, or dropped as invalid): the rules still see a
+        # patient, of unknown age and sex, so that they take the safer branch (G29) instead
+        # of skipping every rule that reads the patient.
+        ex.add("patient", [], sex="unknown", record="missing")
+    ex.derived_measurements([f["refs"][0] for f in ex.facts if f["t"] == "patient" and f["refs"]])
     ex.bmd_changes(dxa_rows)
     ex.steroid_exposure(steroid_spans)
     return FactSet(patient=patient_ref, as_of=as_of, facts=ex.facts, problems=ex.problems)

@@ -10,8 +10,18 @@ under `checks:` plus these, which no rule file can switch off:
   set; one not on an aromatase inhibitor gets `not-applicable`;
 - no two recommendations of an `exclusive` group together (two drugs, two DXA intervals:
   rules in conflict), every `requires` satisfied (a start never without `ci-check`);
-- missing, stale or BMD-only DXA never gives `low`;
+- missing, stale or BMD-only DXA never gives `low`, and neither does an unknown age (G29);
+- never a Z-score for a woman on an aromatase inhibitor without ovarian suppression (G24);
+- `ca-vitd` whenever an antiresorptive is recommended (started, switched, or the bisphosphonate
+  that follows denosumab) or continues, with or without the aromatase inhibitor (G26);
+- `ci-check` whenever a drug is started or switched, the denosumab follow-on included (G17, G26);
+- never the breast-cancer adjuvant regimen (`potent-ar`, `za-4mg-q6m`, `switch-iv`: zoledronic
+  acid 4 mg every 6 months among the choices) for a man without breast cancer (G27);
 - every rule fires in at least one combination (a rule that cannot fire is dead or mis-staged).
+
+`CheckReport.samples` keeps, for every combination of aromatase-inhibitor state, antiresorptive
+state and sex, one assessment per recommendation it gave: tests render every recommendation's
+text in every state it can fire in (tests/test_recommendation_texts.py).
 
 The first failures are reported with the combination that shows them, so a reviewer can see
 the hole; the command exits non-zero.
@@ -62,8 +72,10 @@ RISK_FACTORS = [
 ]
 FRACTURE = {
     "none": [],
-    "fragility": [("fracture", {"site": "vertebral", "fragility": True, "marker": False, "possible_fragility_code": False, "age_at": 55})],
-    "possible-hip": [("fracture", {"site": "hip", "fragility": False, "marker": False, "possible_fragility_code": True, "age_at": 60})],
+    "fragility": [("fracture", {"site": "vertebral", "fragility": True, "marker": False, "high_energy": False, "possible_fragility_code": False, "age_at": 55})],
+    "possible-hip": [("fracture", {"site": "hip", "fragility": False, "marker": False, "high_energy": False, "possible_fragility_code": True, "age_at": 60})],
+    "possible-vertebral": [("fracture", {"site": "vertebral", "fragility": False, "marker": False, "high_energy": False, "possible_fragility_code": True, "age_at": 68})],
+    "high-energy-radius": [("fracture", {"site": "wrist", "fragility": False, "marker": False, "high_energy": True, "possible_fragility_code": True, "age_at": 70})],
 }
 THERAPY = {
     "none": [],
@@ -93,8 +105,12 @@ VARIANTS = {
     "hypogonadism": [("condition", {"concept": "hypogonadism", "active": True})],
     "family-finding": [("condition", {"concept": "family-hip-fracture", "active": True})],
     "breast-cancer": [("condition", {"concept": "breast-cancer", "active": True})],
-    "fracture-age-unknown": [("fracture", {"site": "wrist", "fragility": True, "marker": False, "possible_fragility_code": False})],
-    "fracture-mechanism": [("fracture", {"site": "hip", "fragility": False, "marker": True, "possible_fragility_code": True, "age_at": 45})],
+    "fracture-age-unknown": [("fracture", {"site": "wrist", "fragility": True, "marker": False, "high_energy": False, "possible_fragility_code": False})],
+    "fracture-mechanism": [("fracture", {"site": "hip", "fragility": False, "marker": True, "high_energy": False, "possible_fragility_code": True, "age_at": 45})],
+    "fracture-mechanism-age-unknown": [("fracture", {"site": "hip", "fragility": False, "marker": True, "high_energy": False, "possible_fragility_code": True})],
+    "fracture-possible-age-unknown": [("fracture", {"site": "humerus", "fragility": False, "marker": False, "high_energy": False, "possible_fragility_code": True})],
+    "forearm-t-only": [("dxa", {"measure": "T", "site": "FA", "value": -1.0, "age_months": 3.0})],
+    "stale-t-moderate": [("dxa", {"measure": "T", "site": "LS", "value": -1.8, "age_months": 30.0})],
     "excluded-resource": [("excluded", {"resource": "Observation", "reason": "status entered-in-error"})],
     "medication-unresolved": [("med_issue", {"issue": "unresolved"})],
     "medication-by-text": [("med_issue", {"issue": "by-text"})],
@@ -132,6 +148,8 @@ VARIANTS = {
         ("bmd_change", {"site": "LS", "days": 365, "pct_per_year": -6.0, "abs_change": -0.06, "latest_age_months": 3.0}),
     ],
 }
+#: Variants that add a current DXA score of their own.
+VALID_DXA_VARIANTS = {"forearm-t-only"}
 # Populations: (patient fact fields, extra facts, DXA measure used)
 POPULATIONS = {
     "woman-58": ({"sex": "female", "age": 58}, [], "T"),
@@ -143,6 +161,13 @@ POPULATIONS = {
     "sex-unknown": ({"sex": "unknown", "age": 60}, [("alcohol", {"measure": "audit-c", "value": 3.0})], "T"),
     "man-60-auditc": ({"sex": "male", "age": 60}, [("alcohol", {"measure": "audit-c", "value": 4.0})], "T"),
     "age-unknown": ({"sex": "female"}, [], "T"),
+    "woman-47-no-ofs-z-only": ({"sex": "female", "age": 47}, [], "Z"),
+    "man-45-trt-t-only": ({"sex": "male", "age": 45}, [("hormone_med", {"class": "testosterone", "status": "active", "ended": False})], "T"),
+    "man-60-breast-cancer": ({"sex": "male", "age": 60}, [("condition", {"concept": "breast-cancer", "active": True})], "T"),
+    "patient-missing": ({"sex": "unknown", "record": "missing"}, [], "T"),
+    "patient-missing-z": ({"sex": "unknown", "record": "missing"}, [], "Z"),
+    "woman-ofs-age-unknown": ({"sex": "female"}, [("hormone_med", {"class": "gnrh-agonist", "status": "active", "ended": False})], "Z"),
+    "oophorectomy-patient-missing": ({"sex": "unknown", "record": "missing"}, [("condition", {"concept": "ovarian-suppression", "active": False})], "T"),
     "man-45-trt-two-rf": (
         {"sex": "male", "age": 45},
         [("hormone_med", {"class": "testosterone", "status": "active", "ended": False}), *RISK_FACTORS[:2]],
@@ -158,6 +183,47 @@ class Case:
     on_ai: bool
     has_valid_dxa: bool
 
+    @property
+    def patient(self) -> dict:
+        return next(f for f in self.facts if f["t"] == "patient")
+
+    def has(self, fact_type: str, **fields) -> bool:
+        return any(f["t"] == fact_type and all(f.get(k) == v for k, v in fields.items()) for f in self.facts)
+
+
+#: Recommendations that start or switch an antiresorptive (the denosumab follow-on included).
+STARTS = frozenset({
+    "oral-bp", "potent-ar", "potent-ar-osteoporosis", "za-4mg-q6m", "switch-iv", "switch-iv-osteoporosis", "dmab-transition",
+})
+#: The breast-cancer adjuvant regimen (zoledronic acid 4 mg every 6 months among its choices).
+ADJUVANT = frozenset({"potent-ar", "za-4mg-q6m", "switch-iv"})
+
+
+def antiresorptive_state(case: Case, derivation) -> str:
+    """What the patient's antiresorptive is doing: the state recommendation texts must read true in."""
+    on = {d.fact.get("class") for d in derivation.of_type("on_ar")}
+    if "denosumab" in on:
+        return "denosumab"
+    if "bisphosphonate" in on:
+        return "bisphosphonate"
+    if case.has("antiresorptive", **{"class": "denosumab"}):
+        return "denosumab-stopped-or-overdue"
+    if case.has("antiresorptive"):
+        return "bisphosphonate-stopped"
+    return "none"
+
+
+@dataclass
+class Sample:
+    """One assessment that gave a recommendation, and the state it was given in."""
+
+    case: Case
+    assessment: object
+    ai_status: str
+    antiresorptive: str
+    sex: str
+    breast_cancer: bool
+
 
 @dataclass
 class CheckReport:
@@ -165,6 +231,8 @@ class CheckReport:
     cases: int = 0
     failures: list[str] = field(default_factory=list)
     never_fired: list[str] = field(default_factory=list)
+    #: (ai_status, antiresorptive state, sex, recommendation) -> the first assessment that gave it
+    samples: dict[tuple[str, str, str, str], Sample] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -184,8 +252,10 @@ def enumerate_cases() -> Iterator[Case]:
     for elig, band, n_rf, fx, dxa_status, therapy in itertools.product(
         ELIGIBILITY, T_BANDS, range(len(RISK_FACTORS) + 1), FRACTURE, DXA_STATUS, THERAPY
     ):
-        if dxa_status not in ("valid-axial", "forearm-only") and band != "T -3.0":
-            continue  # the band cannot matter without a valid T-score: one representative
+        if dxa_status in ("stale", "undated") and band not in ("T -3.0", "T -1.8", "T -1.4"):
+            continue  # an old T-score matters by band only (G28): one representative of each
+        if dxa_status not in ("valid-axial", "forearm-only", "stale", "undated") and band != "T -3.0":
+            continue  # the band cannot matter without a T-score: one representative
         items = [("patient", {"sex": "female", "age": 58})] + ELIGIBILITY[elig] + RISK_FACTORS[:n_rf]
         items += FRACTURE[fx] + DXA_STATUS[dxa_status](T_BANDS[band]) + THERAPY[therapy] + NORMAL_LABS
         yield Case(
@@ -212,7 +282,7 @@ def enumerate_cases() -> Iterator[Case]:
                     f"{elig} | {pop} | {score} {value} | DXA {'valid' if dxa_present else 'none'} | {variant}",
                     synthetic_facts(items),
                     on_ai=elig != "none",
-                    has_valid_dxa=dxa_present,
+                    has_valid_dxa=dxa_present or variant in VALID_DXA_VARIANTS,
                 )
 
 
@@ -252,6 +322,26 @@ def check(assessor: Assessor, *, max_failures: int = 20) -> CheckReport:
             fail(case, "not-applicable for a patient on or starting an aromatase inhibitor")
         if a.category == "low" and not case.has_valid_dxa:
             fail(case, "low without a valid DXA")
+        person = case.patient
+        if a.category == "low" and "age" not in person:
+            fail(case, "low with age unknown")
+        ofs = bool(derivation.of_type("ofs"))
+        if person.get("sex") == "female" and a.ai_status in ("active", "planned") and not ofs:
+            if derivation.of_type("bmd_z"):
+                fail(case, "a Z-score decided for a woman on an aromatase inhibitor without ovarian suppression")
+        ar_state = antiresorptive_state(case, derivation)
+        continues = a.ai_status != "none" and ar_state in ("denosumab", "bisphosphonate")
+        if (recs & STARTS or continues) and "ca-vitd" not in recs:
+            fail(case, f"an antiresorptive recommended or continuing ({sorted(recs & STARTS) or ar_state}) without ca-vitd")
+        if recs & STARTS and "ci-check" not in recs:
+            fail(case, f"{sorted(recs & STARTS)} without ci-check")
+        breast_cancer = case.has("condition", concept="breast-cancer")
+        if person.get("sex") == "male" and not breast_cancer and recs & ADJUVANT:
+            fail(case, f"the breast-cancer adjuvant regimen {sorted(recs & ADJUVANT)} for a man without breast cancer")
+        for rec in recs:
+            key = (a.ai_status, ar_state, str(person.get("sex")), rec)
+            if key not in report.samples:
+                report.samples[key] = Sample(case, a, a.ai_status, ar_state, str(person.get("sex")), breast_cancer)
         for group in exclusive:
             both = recs & group
             if len(both) > 1:

@@ -37,10 +37,12 @@ RECOMMENDATION_CODES = (
     "dxa-now", "dxa-24m", "dxa-12m", "dxa-12-24m", "oral-bp", "potent-ar", "za-4mg-q6m",
     "ci-check", "ca-vitd", "exercise", "secondary-causes", "adherence", "switch-iv", "post-ai",
     "dmab-transition", "btm-optional", "e2-monitor", "specialist", "dental-review",
+    "potent-ar-osteoporosis", "post-ai-continue", "complete-record", "switch-iv-osteoporosis",
 )
 FLAG_CODES = (
     "low-with-rf", "osteoporosis-by-dxa", "forearm-only", "dxa-stale", "t-unavailable",
     "d3-only", "on-hold", "possible-fragility-fracture", "medication-unresolved", "medication-by-text",
+    "score-substituted", "age-unknown",
 )
 MONITORING = {"dxa-24m": (24, None), "dxa-12m": (12, None), "dxa-12-24m": (12, 24)}
 

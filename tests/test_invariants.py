@@ -1,8 +1,12 @@
 """Safety invariants of CLINICAL.md section 0, over generated fact sets (hypothesis).
 
 - every patient gets exactly one ai_status and one category;
-- missing, stale or BMD-only DXA never gives `low` (a Z-score counts where the rules score by Z);
-- no start of an antiresorptive for a patient already on one, and never without `ci-check`;
+- missing, stale or BMD-only DXA never gives `low` (a current T- or Z-score counts: either stands
+  in for the other when the preferred one is missing, CLINICAL.md G24), nor does an unknown age (G29);
+- dropping the Patient, or replacing it by an invalid one, never lowers the category and never
+  gives `low` (issue 10 item 2: the record is assessed with age and sex unknown);
+- no start of an antiresorptive for a patient already on one, and never without `ci-check`
+  and `ca-vitd`;
 - the same facts always give the same assessment;
 - two patients evaluated interleaved, or on eight threads at once, never influence each other.
 """
@@ -62,12 +66,12 @@ risk_facts = st.lists(
         st.builds(lambda p: {"t": "family_history", "parent": p, "concept": "hip-fracture"}, st.booleans()),
         st.builds(lambda c, a: {"t": "condition", "concept": c, "active": a}, st.sampled_from(["rheumatoid-arthritis", "premature-menopause", "hypogonadism", "breast-cancer"]), st.booleans()),
         st.builds(
-            lambda site, frag, marker, possible, age: {
-                "t": "fracture", "site": site, "fragility": frag, "marker": marker,
+            lambda site, frag, marker, high, possible, age: {
+                "t": "fracture", "site": site, "fragility": frag, "marker": marker, "high_energy": high,
                 "possible_fragility_code": possible, **({"age_at": age} if age is not None else {}),
             },
-            st.sampled_from(["hip", "vertebral", "wrist", "other"]), st.booleans(), st.booleans(), st.booleans(),
-            st.one_of(st.none(), st.integers(20, 90)),
+            st.sampled_from(["hip", "vertebral", "wrist", "humerus", "other"]), st.booleans(), st.booleans(),
+            st.booleans(), st.booleans(), st.one_of(st.none(), st.integers(20, 90)),
         ),
         st.builds(
             lambda cls, route, status, ended: {"t": "antiresorptive", "ingredient": "x", "class": cls, "route": route, "status": status, "ended": ended},
@@ -97,10 +101,11 @@ def _assess(assessor, facts):
 
 
 def _valid_dxa(facts) -> bool:
-    """A current T-score, or a current axial Z-score for a patient the rules score by Z.
+    """A current T-score, or a current axial Z-score.
 
-    Z-scores stand for T-scores under 50 (rules Z1-MAN-UNDER-50, Z1-PREMENOPAUSAL, B1-VALID-Z:
-    CLINICAL.md G19/G20), so a premenopausal woman with a normal Z-score can be `low`.
+    The preferred score (T after the menopause and from 50 in men; Z on ovarian suppression and
+    in men under 50) decides; when a current DXA lacks it, the other one stands in, flagged
+    score-substituted (CLINICAL.md G24), so either makes the DXA usable.
     """
     valid_t = any(
         f["t"] == "dxa" and f["measure"] == "T" and f["site"] in ("LS", "TH", "FN", "FEMUR", "FA") and f.get("age_months", 99) <= 24
@@ -110,17 +115,18 @@ def _valid_dxa(facts) -> bool:
         f["t"] == "dxa" and f["measure"] == "Z" and f["site"] in ("LS", "TH", "FN", "FEMUR") and f.get("age_months", 99) <= 24
         for f in facts
     )
-    return valid_t or (valid_z and _scored_by_z(facts))
+    return valid_t or valid_z
 
 
-def _scored_by_z(facts) -> bool:
-    person = next(f for f in facts if f["t"] == "patient")
-    if person.get("age") is None or person["age"] >= 50:
-        return False
-    if person["sex"] == "male":
-        return True
-    premature_menopause = any(f["t"] == "condition" and f["concept"] == "premature-menopause" for f in facts)
-    return person["sex"] == "female" and not premature_menopause
+RANK = {"low": 0, "indeterminate": 1, "moderate": 2, "high": 3}
+STARTS = {"oral-bp", "potent-ar", "potent-ar-osteoporosis", "za-4mg-q6m"}
+SWITCHES = {"switch-iv", "switch-iv-osteoporosis", "dmab-transition"}
+#: What an assessment can still say after the aromatase inhibitor: the post-AI review, the
+#: denosumab transition with its contraindication check (and what that check finds), calcium and
+#: vitamin D while a bone treatment continues, and the DXA after the switch.
+AFTER_AI = {"post-ai", "post-ai-continue", "dmab-transition", "ci-check", "ca-vitd", "dxa-12m", "specialist", "dental-review"}
+GATE_FLAGS = {"crcl-below-35", "crcl-below-30", "egfr-fallback", "hypocalcaemia", "vitamin-d-repletion", "alert-dmab-overdue"}
+MISSING_PATIENT = {"t": "patient", "sex": "unknown", "record": "missing", "refs": []}
 
 
 SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -147,16 +153,50 @@ def test_safety_invariants(assessor, facts):
         assert a.category != "low", "missing, stale or BMD-only DXA gave low"
         if a.category in ("indeterminate", "moderate", "high"):
             assert "dxa-now" in a.recommendations
-    starts = {"oral-bp", "potent-ar"} & set(a.recommendations)
-    if starts:
-        assert "ci-check" in a.recommendations
+    if "age" not in next(f for f in facts if f["t"] == "patient"):
+        assert a.category != "low", "low with age unknown"
+    starts = STARTS & set(a.recommendations)
+    if starts or SWITCHES & set(a.recommendations):
+        assert {"ci-check", "ca-vitd"} <= set(a.recommendations)
     on_ar = any(f["t"] == "antiresorptive" and f["status"] == "active" and not f["ended"] for f in facts)
     if on_ar:
         assert not starts, "initiation recommended to a patient already on an antiresorptive"
+        if a.ai_status != "none":
+            assert "ca-vitd" in a.recommendations, "a bone treatment continues without calcium and vitamin D"
     if not on_ai:
-        assert not a.risk_factors and not a.flags
-        assert set(a.recommendations) <= {"post-ai", "dmab-transition"}
+        assert not a.risk_factors and set(a.flags) <= GATE_FLAGS
+        assert set(a.recommendations) <= AFTER_AI
     assert _assess(assessor, facts) == a, "not deterministic"
+
+
+def _without_patient(facts, how: str) -> list[dict]:
+    """The same record with its Patient dropped, or replaced by one that failed validation: both
+    reach the rules as a patient of unknown age and sex (facts.extract_facts)."""
+    rest = [f for f in facts if f["t"] != "patient"]
+    return [MISSING_PATIENT, *rest] if how == "invalid" or rest else rest
+
+
+@SETTINGS
+@given(fact_sets, st.sampled_from(["dropped", "invalid"]))
+# a man of 45 scored by a T-score held to the Z-score thresholds (T -2.0: high); without his
+# Patient the same T-score must still give high
+@example(
+    [
+        {"t": "patient", "sex": "male", "age": 45, "refs": ["Patient/p"]},
+        {"t": "ai_med", "ingredient": "anastrozole", "status": "active", "ended": False, "future_start": False, "refs": ["MedicationStatement/0"]},
+        {"t": "dxa", "measure": "T", "site": "LS", "value": -2.0, "age_months": 3.0, "refs": ["Observation/0"]},
+    ],
+    "dropped",
+)
+def test_dropping_or_invalidating_the_patient_never_lowers_the_category(assessor, facts, how):
+    with_patient = _assess(assessor, facts)
+    without = _assess(assessor, _without_patient(facts, how))
+    assert without.ai_status == with_patient.ai_status
+    if with_patient.category == "not-applicable":
+        return
+    assert without.category != "low", "a record without its Patient gave low"
+    assert RANK[without.category] >= RANK[with_patient.category], (with_patient.category, without.category)
+    assert "age-unknown" in without.flags
 
 
 @SETTINGS

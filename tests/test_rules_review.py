@@ -24,7 +24,11 @@ def test_shipped_rules_pass_the_check(mode):
 def test_decision_space_covers_every_dimension():
     names = [case.name for case in enumerate_cases()]
     for part in ("active", "planned", "stopped", "none", "T -2.0", "RF 4", "fracture fragility",
-                 "DXA stale", "DXA bmd-only", "therapy denosumab", "woman-38-ofs", "man-45-trt", "crcl-25"):
+                 "DXA stale", "DXA bmd-only", "therapy denosumab", "woman-38-ofs", "man-45-trt", "crcl-25",
+                 # issue 15 / issue 10: the populations and cases of G24-G29 and the missing Patient
+                 "woman-47-no-ofs-z-only", "man-45-trt-t-only", "man-60-breast-cancer", "patient-missing",
+                 "fracture possible-vertebral", "fracture high-energy-radius", "stale-t-moderate",
+                 "T -1.8 | RF 0 | fracture none | DXA stale"):
         assert any(part in n for n in names), part
 
 
@@ -57,11 +61,13 @@ def test_a_conflict_is_found(tmp_path, capsys):
     path = _copy_rules(tmp_path)
     text = path.read_text().replace(
         "  - id: REC-HIGH-POTENT-AR\n    stage: 6\n    title: High - potent antiresorptive, after a contraindication check\n"
-        "    when: {c: {t: category, value: high}}\n    unless: [{t: on_ar}]\n    assert:\n      - {t: rec, code: potent-ar}\n",
+        "    when: {c: {t: category, value: high}}\n    unless:\n      - {t: on_ar}\n      - {t: osteoporosis_regimen}\n"
+        "    assert:\n      - {t: rec, code: potent-ar}\n",
         "  - id: REC-HIGH-POTENT-AR\n    stage: 6\n    title: High - potent antiresorptive, after a contraindication check\n"
-        "    when: {c: {t: category, value: high}}\n    unless: [{t: on_ar}]\n    assert:\n      - {t: rec, code: potent-ar}\n"
-        "      - {t: rec, code: oral-bp}\n",
+        "    when: {c: {t: category, value: high}}\n    unless:\n      - {t: on_ar}\n      - {t: osteoporosis_regimen}\n"
+        "    assert:\n      - {t: rec, code: potent-ar}\n      - {t: rec, code: oral-bp}\n",
     )
+    assert "code: oral-bp}\n" in text.split("REC-HIGH-POTENT-AR")[1].split("- id:")[0]
     path.write_text(text)
     report = check(Assessor(path))
     assert not report.ok

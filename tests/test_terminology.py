@@ -152,7 +152,9 @@ def test_synthea_traumatic_fractures(term: Terminology) -> None:
 
 def test_fragility_mechanism_text(term: Terminology) -> None:
     assert term.match_text("conditions", "Low-trauma fall from standing height") == {"fragility": True}
-    assert term.match_text("conditions", "Motor vehicle accident") is None
+    # a high-energy mechanism is recognised too, and says the opposite (CLINICAL.md G25)
+    assert term.match_text("conditions", "Motor vehicle accident") == {"high_energy": True}
+    assert term.match_text("conditions", "Fell off a bicycle") is None
 
 
 # --- DXA and body sites ---------------------------------------------------------------------

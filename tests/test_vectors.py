@@ -1,4 +1,4 @@
-"""The worked examples V01-V52 of CLINICAL.md section 5, through the `assess --format json` contract."""
+"""The worked examples V01-V60 of CLINICAL.md section 5, through the `assess --format json` contract."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from fhir_aibl.cli import main
 from .conftest import FIXTURES
 
 EXPECTED = json.loads((FIXTURES / "expected.json").read_text())
-IN_SCOPE = sorted(EXPECTED)  # V01-V52: issue 2 (V01-V38, V48-V52) and issue 3 (V39-V47)
+IN_SCOPE = sorted(EXPECTED)  # V01-V60: issue 2 (V01-V38, V48-V52), issue 3 (V39-V47), issue 15 (V53-V60)
 
 
 def _assess_json(capsys, *paths: str) -> list[dict]:

@@ -358,8 +358,13 @@ class CdsService:
                     + (" ..." if len(invalid) > 10 else "")
                 )
         if not any(r.get("resourceType") == "Patient" for r in resources):
-            raise PrefetchUnavailableError(
-                "the Patient resource could not be had (age and sex are needed: prefetch key patient is null or invalid)"
+            # The EHR says there is no Patient (prefetch null) or sent one that fails validation:
+            # assessed with age and sex unknown (never lower than with it, never low; flag
+            # age-unknown). A Patient that could not be had because a fetch failed never gets
+            # here: that is a 412 from _fetch.
+            notes.append(
+                "Age unknown: the patient record (birth date, sex) was missing or invalid, so the assessment "
+                "counted age as a possible risk factor and does not rate the risk as low."
             )
         for draft in drafts:
             concepts = medication_concepts(self.assessor.terminology, draft)

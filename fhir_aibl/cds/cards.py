@@ -90,8 +90,11 @@ INDICATOR = {"high": "warning", "moderate": "warning", "low": "info", "indetermi
 
 #: Which recommendation the one-line summary names first: the most consequential action.
 SUMMARY_PRIORITY = (
-    "potent-ar", "switch-iv", "za-4mg-q6m", "oral-bp", "dmab-transition", "dxa-now", "dxa-obtain-result", "specialist",
-    "dental-review", "secondary-causes", "post-ai", "adherence", "e2-monitor", "dxa-12m", "dxa-12-24m", "dxa-24m",
+    # e2-monitor before potent-ar-osteoporosis: for a man on testosterone, reviewing the
+    # anastrozole comes first
+    "potent-ar", "e2-monitor", "potent-ar-osteoporosis", "switch-iv", "switch-iv-osteoporosis", "za-4mg-q6m", "oral-bp",
+    "dmab-transition", "post-ai-continue", "dxa-now", "dxa-obtain-result", "specialist", "complete-record",
+    "dental-review", "secondary-causes", "post-ai", "adherence", "dxa-12m", "dxa-12-24m", "dxa-24m",
 )
 #: Advice for everyone on an aromatase inhibitor: one short line on the card, not a bullet each.
 GENERAL = {"ca-vitd": "calcium and vitamin D", "exercise": "exercise", "btm-optional": None}

@@ -14,7 +14,8 @@ terminal), warnings, the failures with their reasons and a summary: patients fou
 assessed, written, unchanged, failed, and the round trips measured.
 
 Exit status: 0 every patient found was assessed (and written or unchanged); 1 some
-patient failed (the others are done); 2 the run itself failed: nothing could run (bad
+patient failed (the others are done), or was assessed from an incomplete record (no usable
+Patient resource: age unknown, named under "problems" in the summary); 2 the run itself failed: nothing could run (bad
 arguments or settings, the server unreachable, credentials refused, the capabilities
 unreadable, no population search), or the run stopped before every patient was attempted
 (credentials refused mid-run, the server away for several patients in a row). Whatever
@@ -205,6 +206,9 @@ def _print_report(args: argparse.Namespace, report: RunReport, *, out: TextIO, e
             print(f"written: {outcome.patient_ref} ({outcome.note})", file=err)
     for outcome in report.failed:
         print(f"failed: {outcome.patient_ref}: {outcome.reason}", file=err)
+    for outcome in report.with_problems:
+        for message in outcome.problems:
+            print(f"error: {outcome.patient_ref}: {message}", file=err)
     for line in summary(report, write_back=args.write_back):
         print(line, file=err)
 
@@ -250,6 +254,11 @@ def summary(report: RunReport, *, write_back: bool) -> list[str]:
         + (f" ({', '.join(f'{n} {note}' for note, n in sorted(notes.items()))})" if notes else "")
         + f", unchanged {report.count('unchanged')}, failed {report.count('failed')}"
     ]
+    if report.with_problems:
+        lines.append(
+            "problems (assessed, record incomplete): "
+            + ", ".join(f"{o.patient_ref} ({'; '.join(o.problems)})" for o in report.with_problems)
+        )
     pulled = [o for o in report.outcomes if o.pull_requests]
     if pulled:
         lines.append(
@@ -364,7 +373,7 @@ def run(
         )
         if report.stopped:
             return 2
-        return 1 if report.failed else 0
+        return 1 if report.failed or report.with_problems else 0
     finally:
         if handler is not None:
             log.removeHandler(handler)

@@ -43,7 +43,7 @@ from ..references import MEDICATION_USE_TYPES, MedicationIndex, medication_refer
 from ..sources import RELEVANT_TYPES
 from ..validation import ValidationMemo, model_for
 from .client import FhirClient, SearchSpec, entry_status
-from .errors import ConfigError, CrossPatient, FhirError, NotSupported, ServerError, server_error
+from .errors import ConfigError, CrossPatient, FhirError, NotFound, NotSupported, ServerError, server_error
 
 log = logging.getLogger("fhir_aibl.fhir")
 
@@ -228,7 +228,10 @@ class Puller:
         for rtype in unsearchable:
             found.append(("clinical", self._unsearchable(rtype, patient_id, result)))
         if patient is None:
-            raise FhirError(f"Patient/{patient_id}: the server answered no Patient resource")
+            # Not found (404/410): the patient's other resources are still assessed, with age and
+            # sex unknown (rule AGE-UNKNOWN: never a category lower than the data support); the
+            # runner names the missing Patient as a problem of the run.
+            result.warnings.append(f"Patient/{patient_id}: the server has no such Patient resource")
         found = self._resolve_medications(found)
         self._assemble(result, patient, found)
         result.requests = self.client.stats.requests - before
@@ -238,7 +241,10 @@ class Puller:
         entries = [{"request": {"method": "GET", "url": f"Patient/{patient_id}"}}]
         entries += [{"request": {"method": "GET", "url": spec.url()}} for _, spec in searches]
         answers = self.client.batch(entries, read_only=True, what="batch of searches")
-        patient = self._entry_resource(answers[0], f"GET Patient/{patient_id}")
+        try:
+            patient = self._entry_resource(answers[0], f"GET Patient/{patient_id}")
+        except NotFound:
+            patient = None
         found = []
         for (purpose, spec), answer in zip(searches, answers[1:], strict=True):
             first = self._entry_resource(answer, spec.describe())
@@ -285,18 +291,24 @@ class Puller:
                 self._warn_once(f"the server refused _revinclude ({exc.status}); searching type by type")
                 return self._pull_searches(patient_id, searches)
             patients = [r for r in resources if r.get("resourceType") == "Patient" and r.get("id") == patient_id]
-            if not patients:
-                raise FhirError(f"Patient/{patient_id}: not found") from None
-            patient = patients[0]
-            by_type: dict[str, list[dict]] = {}
-            for r in resources:
-                if r is not patient:
-                    by_type.setdefault(r.get("resourceType", ""), []).append(r)
-            for i in via_rev:
-                found[i] = (searches[i][0], by_type.pop(searches[i][1].resource_type, []))
+            if patients:
+                patient = patients[0]
+                by_type: dict[str, list[dict]] = {}
+                for r in resources:
+                    if r is not patient:
+                        by_type.setdefault(r.get("resourceType", ""), []).append(r)
+                for i in via_rev:
+                    found[i] = (searches[i][0], by_type.pop(searches[i][1].resource_type, []))
+            else:
+                # No such Patient: _revinclude answers nothing else either, so search type by type.
+                patient = None
+                via_rev = []
             strategy = "revinclude"
         else:
-            patient = self.client.read("Patient", patient_id)
+            try:
+                patient = self.client.read("Patient", patient_id)
+            except NotFound:
+                patient = None
             strategy = "searches"
         for i, (purpose, spec) in enumerate(searches):
             if i not in via_rev:
@@ -385,9 +397,11 @@ class Puller:
     def _assemble(self, result: PatientPull, patient: Any, found: Iterable[tuple[str, list[dict]]]) -> None:
         pid = result.patient_id
         base = self.client.base_url
-        if not isinstance(patient, dict) or patient.get("resourceType") != "Patient" or patient.get("id") != pid:
+        if patient is not None and (
+            not isinstance(patient, dict) or patient.get("resourceType") != "Patient" or patient.get("id") != pid
+        ):
             raise CrossPatient(f"Patient/{pid}: the server answered a different resource for the Patient read")
-        kept: dict[tuple[str, str], dict] = {("Patient", pid): patient}
+        kept: dict[tuple[str, str], dict] = {("Patient", pid): patient} if patient is not None else {}
         careplans: dict[str, dict] = {}
         for purpose, resources in found:
             for r in resources:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..assess import Assessor
+from ..assess import PATIENT_MISSING, Assessor
 from ..assessment import Assessment
 from ..careplan import Catalogue
 from ..errors import AiblError, NoUsableDataError
@@ -59,6 +59,8 @@ class PatientOutcome:
     outage: bool = False
     #: how a `written` status was established, when not by the write's own answer
     note: str = ""
+    #: errors that do not stop this patient's assessment but make the run exit 1 (a missing Patient)
+    problems: list[str] = field(default_factory=list)
 
     @property
     def patient_ref(self) -> str:
@@ -86,6 +88,11 @@ class RunReport:
     @property
     def failed(self) -> list[PatientOutcome]:
         return [o for o in self.outcomes if o.status == "failed"]
+
+    @property
+    def with_problems(self) -> list[PatientOutcome]:
+        """Patients assessed (and written) despite an error in their record, e.g. no Patient resource."""
+        return [o for o in self.outcomes if o.problems and o.status != "failed"]
 
     @property
     def assessments(self) -> list[Assessment]:
@@ -239,6 +246,7 @@ class Runner:
                 outcome.reason = f"assess: {exc}"
                 return outcome
             outcome.warnings += list(result.facts.problems)
+            outcome.problems = [PATIENT_MISSING] if result.patient_missing else []
             outcome.assessment = result.assessment
             if not self.write_back:
                 outcome.status = "assessed"

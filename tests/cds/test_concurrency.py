@@ -1,6 +1,6 @@
 """64 concurrent patient-view requests for 64 different patients: every answer is about its own patient.
 
-The requests are the 52 fixture records, plus 12 of them again under new patient ids (every id
+The requests are the 60 fixture records, plus 4 of them again under new patient ids (every id
 in the record renamed, so the copies are different patients with the same data). They run at
 once through the app's worker pool and the one shared Assessor; each answer is checked
 against that patient's expected category, and every FHIR reference on its cards must be one
@@ -26,7 +26,7 @@ def _records(expected: dict) -> list[tuple[str, dict, dict]]:
     names = sorted(p.stem for p in BUNDLES.glob("V*.json"))
     for name in names:
         out.append((name.lower(), json.loads((BUNDLES / f"{name}.json").read_text()), expected[name]))
-    for name in names[:12]:
+    for name in names[: 64 - len(names)]:  # twins make up 64
         # `v01` -> `w01` everywhere: ids, references, urn-free ids such as v01-dxa-ls.
         text = (BUNDLES / f"{name}.json").read_text()
         twin = "w" + name.lower()[1:]

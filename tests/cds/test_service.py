@@ -216,11 +216,21 @@ def test_fallback_failures_are_412_with_the_reason(make_app, answer, why):
     assert "v06" not in response.text  # the reason carries no patient identifier
 
 
-def test_a_missing_patient_is_412(make_app):
+@pytest.mark.parametrize("how", ["null", "invalid"])
+def test_a_missing_or_invalid_patient_is_assessed_with_age_unknown(make_app, how):
+    """Issue 10 item 2: prefetch `patient` null (the EHR has none) or failing validation: the
+    patient is assessed with age unknown, never lower than with the Patient (V06 is high), and the
+    card says age is unknown. (A Patient that cannot be had because a fetch failed stays 412.)"""
     request = patient_view_request(bundle("V06"))
-    request["prefetch"]["patient"] = None
+    if how == "null":
+        request["prefetch"]["patient"] = None
+    else:
+        request["prefetch"]["patient"] = {**request["prefetch"]["patient"], "gender": 123}
     response = make_app().hook(PV, request)
-    assert response.status_code == 412 and "Patient resource" in outcome(response)[1]
+    assert response.status_code == 200, response.text
+    cards = response.json()["cards"]
+    assert "risk: high" in cards[0]["summary"]
+    assert "Age unknown" in cards[0]["detail"]
 
 
 # --------------------------------------------------------------------------- patient isolation

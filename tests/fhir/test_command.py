@@ -92,8 +92,32 @@ def test_one_patient_failing_leaves_the_others_and_exits_1():
     assert result.code == 1
     assert [d["patient"] for d in result.json()] == ["Patient/p1"]
     assert "failed: Patient/ghost: pull: batch of searches" not in result.stderr
-    assert "failed: Patient/ghost: pull: GET Patient/ghost (in a batch): HTTP 404" in result.stderr
+    # no such Patient and nothing else about it: named, nothing to assess
+    assert "failed: Patient/ghost: assess: nothing to assess" in result.stderr
+    assert "warning: Patient/ghost: Patient/ghost: the server has no such Patient resource" in result.stderr
     assert "patients found 2, assessed 1, written 0, unchanged 0, failed 1" in result.stderr
+
+
+@pytest.mark.parametrize("how", ["absent", "invalid"])
+def test_a_patient_without_a_usable_patient_resource_is_assessed_with_age_unknown_and_named(how):
+    """Issue 10 item 2 on the connector path: the Patient is absent on the server, or fails
+    validation; the patient's other resources are still assessed (age unknown, never lower than
+    with the Patient, never low), the patient is named among the summary's problems, exit 1."""
+    with_patient = run_fake(FakeFhir(resources=record("p1")), "--patient", "p1", "--format", "json").json()[0]
+    resources = record("p1")
+    if how == "absent":
+        resources = resources[1:]
+    else:
+        resources[0] = {**resources[0], "gender": 123}
+    result = run_fake(FakeFhir(resources=resources), "--patient", "p1", "--format", "json")
+    assert result.code == 1
+    (item,) = result.json()
+    rank = {"low": 0, "indeterminate": 1, "moderate": 2, "high": 3}
+    assert rank[item["category"]] >= max(rank[with_patient["category"]], 1)
+    assert "age-unknown" in item["flags"] and "complete-record" in item["recommendations"]
+    assert "error: Patient/p1: no usable Patient resource" in result.stderr
+    assert "problems (assessed, record incomplete): Patient/p1 (no usable Patient resource" in result.stderr
+    assert "failed 0" in result.stderr
 
 
 def test_write_back_sends_one_transaction_per_patient():

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from fhir_aibl.fhir import PROFILES, FhirClient, Puller
-from fhir_aibl.fhir.errors import ConfigError, CrossPatient, IgnoredParameter, NotFound, NotSupported
+from fhir_aibl.fhir.errors import ConfigError, CrossPatient, IgnoredParameter, NotSupported
 from fhir_aibl.fhir.pull import PULL_TYPES, patient_of
 
 from .fakes import BASE, FakeFhir, fmh, ids, mock, observation, patient, record, statement
@@ -194,9 +194,26 @@ def test_a_patient_id_that_is_not_a_fhir_id_is_refused_before_any_request(bad):
 
 
 def test_a_missing_patient_is_not_found():
+    """No such Patient (404): the pull is not an error of its own; it returns what exists (nothing
+    here, so the assessment says "nothing to assess"), and says the Patient is missing (issue 10)."""
     fake = FakeFhir(resources=record("p2"))
-    with pytest.raises(NotFound, match="Patient/nobody"):
-        pull(fake, pid="nobody")
+    result, _, _ = pull(fake, pid="nobody")
+    assert result.resources == []
+    assert result.warnings == ["Patient/nobody: the server has no such Patient resource"]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"revinclude": True}, {"revinclude": False}],
+    ids=["batch", "revinclude-or-searches", "searches"],
+)
+def test_a_record_whose_patient_is_missing_still_pulls_its_resources(changes):
+    """Resources that name a Patient the server does not have are still pulled, by every strategy
+    (batch, _revinclude, type by type), so that they can be assessed with age unknown."""
+    fake = FakeFhir(resources=[r for r in record("p1") if r["resourceType"] != "Patient"], batch=not changes)
+    result, _, _ = pull(fake, **changes)
+    assert ids(result.resources) == ids(record("p1")[1:])
+    assert "Patient/p1: the server has no such Patient resource" in result.warnings
 
 
 def test_newest_version_of_a_resource_seen_twice_is_kept():
