@@ -51,6 +51,8 @@ from .. import __version__
 from ..assess import RULES_DIR, Assessor
 from ..careplan import load_catalogue
 from ..errors import AiblError
+from ..jsoninput import JsonInputError, NotJsonError
+from ..jsoninput import loads as json_loads
 from .auth import JwtVerifier
 from .cards import CardBuilder, IssuedCard
 from .errors import (
@@ -201,9 +203,11 @@ class CdsService:
         if not size:
             raise BadRequestError("the request body is empty")
         try:
-            return orjson.loads(b"".join(chunks))
-        except orjson.JSONDecodeError as exc:
-            raise BadRequestError(f"malformed JSON: {str(exc).splitlines()[0][:120]}") from None
+            return json_loads(b"".join(chunks))
+        except NotJsonError as exc:
+            raise BadRequestError(f"malformed JSON: {exc.reason.removeprefix('not JSON: ')[:120]}") from None
+        except JsonInputError as exc:  # nested too deep, a duplicate key (FHIR JSON forbids them)
+            raise BadRequestError(f"the request body is not valid FHIR JSON: {exc}") from None
 
     # -- discovery ------------------------------------------------------------------------
     def discovery(self) -> dict:

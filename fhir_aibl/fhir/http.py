@@ -53,22 +53,11 @@ from .errors import (
 )
 from .settings import ClientSettings
 
-try:
-    import orjson
+import orjson
 
-    def _loads(data: bytes) -> Any:
-        return orjson.loads(data)
+from ..jsoninput import loads as _loads  # JSON in: depth bounded, duplicate keys refused (ValueError)
 
-    def _dumps(obj: Any) -> bytes:
-        return orjson.dumps(obj)
-except ImportError:  # pragma: no cover - orjson is a dependency; this is a safety net
-    import json
-
-    def _loads(data: bytes) -> Any:
-        return json.loads(data)
-
-    def _dumps(obj: Any) -> bytes:
-        return json.dumps(obj, separators=(",", ":")).encode()
+_dumps = orjson.dumps
 
 
 log = logging.getLogger("fhir_aibl.fhir")
@@ -269,7 +258,7 @@ class Http:
             return _loads(resp.content)
         except ValueError as exc:
             what = kwargs.get("what") or method
-            raise FhirError(f"{what}: the server's answer is not JSON") from exc
+            raise FhirError(f"{what}: the server's answer is not valid FHIR JSON ({exc})") from exc
 
 
 def _json_or_none(resp: requests.Response) -> Any:
