@@ -378,7 +378,9 @@ def _object_problem(obj: dict, cls: Any, path: str, depth: int) -> str | None:
         if is_list:
             if type(value) is not list:
                 return f"{where}: must be a JSON array"
-            nulls_allowed = kind in _SCALAR_KINDS and isinstance(obj.get("_" + key), list)
+            # a null keeps two arrays aligned: a primitive's values and their `_element` extensions
+            nulls_allowed = isinstance(obj.get(key[1:]), list) if key[0] == "_" else (
+                kind in _SCALAR_KINDS and isinstance(obj.get("_" + key), list))
             for i, item in enumerate(value):
                 if item is None:
                     if nulls_allowed:
