@@ -24,15 +24,21 @@ class HostileFhir(FakeFhir):
     """Answers as FakeFhir, with p2's T-score replaced in every answer by the bytes of a case."""
 
     payload: bytes = b""
+    #: the whole answer to any request about p2 is the payload
+    whole: bool = False
 
     def _callback(self, request):
         status, headers, body = super()._callback(request)
+        about_p2 = "p2" in request.url or b"Patient/p2" in (request.body or b"")
+        if self.whole and about_p2:
+            return 200, headers, self.payload
         data = body.encode()
         return status, headers, data.replace(json.dumps(TARGET).encode(), self.payload)
 
 
-def run(payload: bytes | None):
+def run(payload: bytes | None, whole: bool = False):
     fake = HostileFhir(resources=record("p1") + record("p2"))
+    fake.whole = whole
     fake.payload = json.dumps(TARGET).encode() if payload is None else payload
     with mock() as rsps:
         fake.install(rsps)
@@ -68,3 +74,14 @@ def test_a_duplicate_subject_cannot_move_a_resource_between_patients(reference):
     result = run(case.data)
     assert "failed: Patient/p2:" in result.stderr and "duplicate key 'subject'" in result.stderr
     assert {a["patient"]: a for a in result.json()}["Patient/p1"] == reference["Patient/p1"]
+
+
+@pytest.mark.parametrize("case", cases(TARGET, other_patient="Patient/p1"), ids=lambda c: c.name)
+def test_a_hostile_answer_about_one_patient(case, reference):
+    """The server's whole answer to p2's pull is a case of the corpus: p2 fails by name, p1 is untouched."""
+    result = run(case.data, whole=True)
+    assert "Traceback" not in result.stderr
+    assessed = {a["patient"]: a for a in result.json()}
+    assert assessed["Patient/p1"] == reference["Patient/p1"]
+    assert "Patient/p2" not in assessed and result.code == 1
+    assert any(line.startswith("failed: Patient/p2:") for line in result.stderr.splitlines()), result.stderr
