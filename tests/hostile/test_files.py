@@ -92,12 +92,3 @@ def test_as_one_entry_of_a_bundle(case, tmp_path, capsys, reference):
     named = [e for e in err.splitlines() if e.startswith("error:") and ("entry[4]" in e or "Observation/p2-ls" in e)]
     assert named, err
 
-
-@pytest.mark.parametrize("case", [c for c in CASES if not c.spliceable and c.expect == "not-json"], ids=lambda c: c.name)
-def test_a_bundle_that_is_not_json_is_refused_whole_and_other_files_still_count(case, tmp_path, capsys, reference):
-    clean = tmp_path / "clean.ndjson"
-    clean.write_bytes(b"\n".join(map(line, CLEAN)) + b"\n")
-    broken = tmp_path / "broken.json"
-    broken.write_bytes(case.data)
-    code, results, err = assess(capsys, clean, broken)
-    check(code, results, err, case.expect, str(broken), reference)
