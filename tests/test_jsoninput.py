@@ -145,3 +145,17 @@ def test_isolating_refuses_a_fault_outside_any_entry_resource():
         jsoninput.loads_isolating(bundle(good, extra=b',"type":"batch"'))
     with pytest.raises(DuplicateKeyError):  # a lone resource is the document
         jsoninput.loads_isolating(b'{"resourceType":"Observation","id":"a","id":"b"}')
+
+
+def test_a_large_bundle_is_checked_entry_by_entry(monkeypatch):
+    """Above _LARGE bytes the duplicate check serialises one entry at a time: the same verdicts."""
+    monkeypatch.setattr(jsoninput, "_LARGE", 10)
+    good = b'{"resourceType":"Observation","id":"ok","note":[{"text":"a:b"}]}'
+    dup = b'{"resourceType":"Observation","id":"dup","id":"x"}'
+    assert jsoninput.loads(bundle(good, good)) == json.loads(bundle(good, good))
+    with pytest.raises(DuplicateKeyError, match="entry\\[1\\].resource"):
+        jsoninput.loads(bundle(good, dup))
+    with pytest.raises(DuplicateKeyError):
+        jsoninput.loads(bundle(good, extra=b',"type":"batch"'))
+    escaped = bundle(b'{"resourceType":"Observation","id":"e","note":[{"text":"a\\u003ab"}]}')
+    assert jsoninput.loads(escaped)["entry"][0]["resource"]["note"][0]["text"] == "a:b"
