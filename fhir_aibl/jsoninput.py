@@ -160,8 +160,8 @@ def _clean(raw: bytes, value: Any) -> bool:
             colons += orjson.dumps(entry).count(b":")
         return raw.count(b":") == colons
     again = orjson.dumps(value)  # cannot fail: parsed by orjson, at most MAX_DEPTH deep
-    if again == raw:
-        return True  # compact text as orjson writes it: the same bytes cannot hold a dropped member
+    if again == raw or (raw[-1:] == b"\n" and again == raw.rstrip()):
+        return True  # compact text as orjson writes it (an NDJSON line): the same bytes cannot hold a dropped member
     if b"\\u003" in raw:
         return False
     return raw.count(b":") == again.count(b":")

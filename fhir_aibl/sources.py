@@ -138,11 +138,10 @@ from .errors import (
     NotFhirError,
     NotJsonError,
 )
-from .terminology import Terminology, default_terminology
 from .jsoninput import JsonInputError, Rejected, loads_isolating, reparse
 from .jsoninput import NotJsonError as _NotJson
+from .terminology import Terminology, default_terminology
 from .validation import ValidationMemo, needs_validation
-
 
 __all__ = ["RELEVANT_TYPES", "SPOOL_LIMIT", "PatientRecord", "ReadResult", "iter_records", "read_paths"]
 
