@@ -45,8 +45,8 @@ Nothing about a failure is remembered: a resource that does not hit the memo, or
 replaced leaf its field rejects, is validated in full, and every error message comes from
 that full validation, unchanged. The placeholder stands at the listed paths only, in
 every resource of a type, so two shapes are equal only where the resources agree literally
-everywhere else. The memo is held per reading (one `iter_records` call) and capped at `MEMO_LIMIT` shapes,
-so memory stays bounded whatever the input.
+everywhere else. The memo is held per reading (one `iter_records` call, one CDS request, one
+connector run) and capped at `MEMO_LIMIT` shapes, so memory stays bounded whatever the input.
 """
 
 from __future__ import annotations
