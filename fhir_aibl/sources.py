@@ -157,19 +157,10 @@ from .references import (
     normalise_medication_reference,
     urn_id,
 )
+from .jsoninput import JsonInputError, Rejected, loads_isolating, reparse
+from .jsoninput import NotJsonError as _NotJson
 from .terminology import Terminology, default_terminology
 from .validation import ValidationMemo, needs_validation
-
-try:  # orjson parses a 700 kB Synthea bundle several times faster than json
-    import orjson
-
-    _loads = orjson.loads
-    _JSON_ERRORS: tuple[type[Exception], ...] = (orjson.JSONDecodeError, UnicodeDecodeError, ValueError)
-except ImportError:  # pragma: no cover - exercised only where orjson is absent
-    import json
-
-    _loads = json.loads
-    _JSON_ERRORS = (json.JSONDecodeError, UnicodeDecodeError, ValueError)
 
 __all__ = ["RELEVANT_TYPES", "SPOOL_LIMIT", "PatientRecord", "ReadResult", "iter_records", "read_paths"]
 
@@ -309,9 +300,9 @@ def _read_file(path: Path, grouping: _Spool) -> Iterator[InputError]:
         yield InputError(f"cannot read file: {exc.strerror or exc}", source=source)
         return
     try:
-        obj = _loads(data[3:] if data.startswith(_BOM) else data)
-    except _JSON_ERRORS as exc:
-        yield NotJsonError(f"not JSON: {_first_line(exc)}", source=source)
+        obj = loads_isolating(data[3:] if data.startswith(_BOM) else data)
+    except JsonInputError as exc:
+        yield _json_problem(exc, source)
         return
     del data  # the bytes are not needed once parsed; keep one copy of a large file, not two
     yield from _read_object(obj, source, source, grouping)
@@ -330,9 +321,9 @@ def _read_ndjson(path: Path, source: str, grouping: _Spool) -> Iterator[InputErr
                 continue  # a trailing newline or blank separator line is not an error
             where = f"{source}:{lineno}"
             try:
-                obj = _loads(line)
-            except _JSON_ERRORS as exc:
-                yield NotJsonError(f"line {lineno} is not JSON: {_first_line(exc)}", source=where)
+                obj = loads_isolating(line)
+            except JsonInputError as exc:
+                yield _json_problem(exc, where, lineno)
                 continue
             # Where the line is, so that the second pass reads it again instead of holding it.
             at = (lineno, start, len(line), zlib.crc32(line))
@@ -343,6 +334,14 @@ def _read_ndjson(path: Path, source: str, grouping: _Spool) -> Iterator[InputErr
             problem = _index_resource(obj, where, source, grouping, line=at)
             if problem is not None:
                 yield problem
+
+
+def _json_problem(exc: JsonInputError, where: str, lineno: int | None = None) -> InputError:
+    """A file or line refused as it was parsed (jsoninput): not JSON, nested too deep, a duplicate key."""
+    if isinstance(exc, _NotJson):
+        return NotJsonError(f"line {lineno} is {exc}" if lineno else str(exc), source=where)
+    line = f"line {lineno}: " if lineno else ""
+    return InvalidResourceError(f"{line}not valid FHIR JSON: {exc}", source=where)
 
 
 def _read_object(obj: Any, where: str, file: str, grouping: _Spool) -> Iterator[InputError]:
@@ -386,6 +385,12 @@ def _read_bundle(bundle: dict, where: str, file: str, prefix: str, grouping: _Sp
         resource = entry.get("resource")
         if resource is None:
             continue  # DELETE/GET requests and bare responses carry no resource
+        if isinstance(resource, Rejected):  # refused as it was parsed: nested too deep, a duplicate key
+            named = f"{resource.resource_type}/{resource.id}" if resource.resource_type and resource.id else None
+            yield InvalidResourceError(
+                f"not valid FHIR JSON: {resource.error}", source=where, resource=f"{label} ({named})" if named else label
+            )
+            continue
         if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
             yield NotFhirError("Bundle entry resource has no resourceType", source=where, resource=label)
             continue
@@ -655,8 +660,8 @@ class _Spool:
                 raw = data[off - start : off - start + length]
                 if len(raw) == length and zlib.crc32(raw) == crc:
                     try:
-                        out[i] = _loads(raw)
-                    except _JSON_ERRORS:
+                        out[i] = reparse(raw)  # the same bytes (CRC) that passed jsoninput in the first pass
+                    except ValueError:
                         pass
             j = k + 1
         return out

@@ -1,8 +1,19 @@
-"""FHIR R4 validation of incoming resources (fhir.resources R4B models), with a memo of what passed.
+"""FHIR R4 validation of incoming resources (fhir.resources R4B models and FHIR JSON types), with a memo.
 
-`ValidationMemo.problem(resource)` answers exactly what `Model.model_validate(resource)`
-answers: None if the model accepts the resource, else the pydantic error. It is the same
-question, asked of fewer resources.
+`ValidationMemo.problem(resource)` answers exactly what `full_problem(resource)` answers:
+None if the resource is valid, else why not. A resource is valid when
+
+1. every element has the JSON type FHIR JSON gives its datatype (`json_type_problem`):
+   a string for string, code, uri, date, dateTime and the other string-like primitives,
+   `true`/`false` for boolean, a number for decimal, a number without fraction for integer,
+   an object for a complex element, an array for a repeating one, and no `null` (except
+   inside an array of primitives that has its `_element` array beside it). The pydantic
+   models alone are lax here: they take `"-3.0"` for a decimal and `20200101` for a
+   dateTime (as seconds since 1970), which the facts stage would then read as "no value"
+   or "no date"; and a string may not exceed 1 MiB (FHIR's limit);
+2. and `Model.model_validate(resource)` accepts it.
+
+The memo asks the same question of fewer resources.
 
 Why a memo, and why it gives the same answers
 ---------------------------------------------
@@ -24,18 +35,28 @@ same fields present, the same nulls and identical values everywhere except at th
 replaced leaves, where both values pass the field's validator (and are not null). So the
 models accept one exactly when they accept the other.
 
+JSON types: two resources of one shape have the same JSON types everywhere but at the
+replaced leaves (the shape is compared as orjson bytes, where `1`, `1.0`, `"1"` and `true`
+differ), and each replaced leaf is checked for its JSON type as the full walk would check
+it. So the memo's verdict is `full_problem`'s, which tests/test_validation.py checks with
+hypothesis on resources with a wrong JSON type put in every primitive position.
+
 Nothing about a failure is remembered: a resource that does not hit the memo, or has a
 replaced leaf its field rejects, is validated in full, and every error message comes from
 that full validation, unchanged. The placeholder stands at the listed paths only, in
 every resource of a type, so two shapes are equal only where the resources agree literally
-everywhere else. The memo is held per reading (one `iter_records` call) and capped at `MEMO_LIMIT` shapes,
-so memory stays bounded whatever the input.
+everywhere else. The memo is held per reading (one `iter_records` call, one CDS request, one
+connector run) and capped at `MEMO_LIMIT` shapes, so memory stays bounded whatever the input.
 """
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import functools
+import types
 import typing
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -47,7 +68,8 @@ try:  # shapes are compared as their orjson serialisation (exact: 1 and 1.0 and 
 except ImportError:  # pragma: no cover - without orjson every resource is validated in full
     orjson = None  # type: ignore[assignment]
 
-__all__ = ["MEMO_LIMIT", "ValidationMemo", "model_for", "needs_validation"]
+__all__ = ["MAX_STRING", "MEMO_LIMIT", "JsonTypeError", "ValidationMemo", "full_problem", "json_type_problem",
+           "model_for", "needs_validation"]
 
 
 def _checked_versions() -> bool:
@@ -92,6 +114,11 @@ _SCALARS = (str, int, float, bool)
 #: Stands where a replaced leaf was.
 _PLACEHOLDER = "\x00valid"
 
+#: Characters in one string value, at most (FHIR R4 datatypes: "strings SHALL NOT exceed 1MB").
+MAX_STRING = 1024 * 1024
+#: Elements nested in one resource, at most, for resources that did not come through jsoninput.
+_MAX_NESTING = 64
+
 _MODELS: dict[str, Any] = {}
 _MEMO_SOUND = functools.lru_cache(maxsize=1)(_checked_versions)
 _PLANS: dict[str, tuple[tuple[tuple[str, ...], Callable[[Any], Any]], ...]] = {}
@@ -123,7 +150,10 @@ def model_for(resource_type: str) -> Any:
 
 
 def _field_validator(model: Any, path: tuple[str, ...]) -> Callable[[Any], Any] | None:
-    """The validator the model applies at `path` (JSON names), or None if the path is not a plain field."""
+    """The validator the model applies at `path` (JSON names), or None if the path is not a plain field.
+
+    The JSON-type check of the leaf comes first, as `json_type_problem` would make it.
+    """
     from pydantic import TypeAdapter
 
     cls = model
@@ -135,7 +165,18 @@ def _field_validator(model: Any, path: tuple[str, ...]) -> Callable[[Any], Any] 
             if field.metadata:  # constraints beside the type: not reproduced here, so not replaced
                 return None
             # the field's own annotation, under its model's config: the validation the model runs there
-            return TypeAdapter(field.annotation, config=cls.model_config).validate_python
+            is_list, kind, _child = _spec(field.annotation)
+            if is_list or kind not in _SCALAR_KINDS:
+                return None
+            validate = TypeAdapter(field.annotation, config=cls.model_config).validate_python
+            allowed = _SCALAR_KINDS[kind]
+
+            def check(value: Any, _allowed=allowed, _validate=validate, _kind=kind) -> Any:
+                if type(value) not in _allowed or (_kind == "string" and len(value) > MAX_STRING):
+                    raise JsonTypeError(f"not a JSON {_kind}")
+                return _validate(value)
+
+            return check
         inner = [a for a in typing.get_args(field.annotation) if a is not type(None)] or [field.annotation]
         if len(inner) != 1 or not hasattr(inner[0], "get_model_klass"):
             return None  # a list or a union of types: not entered
@@ -181,16 +222,13 @@ class ValidationMemo:
         self._leaves: set[tuple] = set()
 
     def problem(self, resource: dict) -> Exception | None:
-        from pydantic import ValidationError
-
         rtype = resource["resourceType"]
         remember = self.limit > 0 and orjson is not None and rtype in _VARYING
         shape = self._shape(resource, rtype) if remember else None
         if shape is not None and shape in self._valid:
             return None
-        try:
-            model_for(rtype).model_validate(resource)
-        except (ValidationError, ValueError, TypeError) as exc:  # fhir.resources raises the last two for a few root checks
+        exc = full_problem(resource)
+        if exc is not None:
             return exc
         if shape is not None and len(self._valid) < self.limit:
             self._valid.add(shape)
@@ -232,10 +270,158 @@ class ValidationMemo:
                 return True
         try:
             check(value)
-        except (ValidationError, ValueError, TypeError):
+        except (ValidationError, ValueError, TypeError):  # JsonTypeError is a ValueError
             return False
         if scalar:
             if len(self._leaves) >= _LEAVES_LIMIT:
                 self._leaves.clear()
             self._leaves.add(seen)
         return True
+
+
+# --------------------------------------------------------------------------- FHIR JSON types
+
+
+class JsonTypeError(ValueError):
+    """An element whose JSON type is not the one FHIR JSON gives its datatype."""
+
+
+def full_problem(resource: dict) -> Exception | None:
+    """None if the resource is valid FHIR R4 JSON (JSON types, then the R4B model), else the exception."""
+    from pydantic import ValidationError
+
+    rtype = resource["resourceType"]
+    model = model_for(rtype)  # KeyError for a type the models do not know: the caller's business
+    problem = json_type_problem(resource, model)
+    if problem is not None:
+        return JsonTypeError(problem)
+    try:
+        model.model_validate(resource)
+    except (ValidationError, ValueError, TypeError) as exc:  # fhir.resources raises the last two for a few root checks
+        return exc
+    return None
+
+
+#: JSON types (Python types as orjson and json parse them) of each primitive kind.
+_SCALAR_KINDS: dict[str, tuple[type, ...]] = {
+    "string": (str,),
+    "boolean": (bool,),
+    "integer": (int,),  # type() is compared, so True and False are not integers
+    "number": (int, float),
+}
+_STRING_BASES = (str, bytes, datetime.date, datetime.datetime, datetime.time, uuid.UUID)
+#: (repeats?, kind, model class or None) of each field of a model class, by JSON name
+_TYPE_PLANS: dict[type, dict[str, tuple[bool, str, Any]]] = {}
+
+
+def _spec(annotation: Any) -> tuple[bool, str, Any]:
+    """(repeats?, kind, model class) of a field annotation; kind: string, boolean, integer, number, object, resource, any."""
+    ann = _optional_inner(annotation)
+    is_list = typing.get_origin(ann) in (list, typing.List)  # noqa: UP006 - the models use typing.List
+    if is_list:
+        ann = _optional_inner(typing.get_args(ann)[0])
+    if typing.get_origin(ann) is typing.Annotated:
+        base = typing.get_args(ann)[0]
+        if base is bool:
+            return is_list, "boolean", None
+        if base is int:
+            return is_list, "integer", None
+        if base is decimal.Decimal:
+            return is_list, "number", None
+        if base in _STRING_BASES or typing.get_origin(base) in (typing.Union, types.UnionType):  # Url: AnyUrl | str
+            return is_list, "string", None
+        return is_list, "any", None
+    if ann is bool:
+        return is_list, "boolean", None
+    if hasattr(ann, "get_model_klass"):
+        if ann.__name__ == "ResourceType":
+            return is_list, "resource", None
+        return is_list, "object", ann.get_model_klass()
+    return is_list, "any", None  # fhir_comments, and anything not foreseen: the models decide
+
+
+def _optional_inner(ann: Any) -> Any:
+    if typing.get_origin(ann) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return ann
+
+
+def _type_plan(cls: Any) -> dict[str, tuple[bool, str, Any]]:
+    plan = _TYPE_PLANS.get(cls)
+    if plan is None:
+        plan = _TYPE_PLANS[cls] = {(f.alias or name): _spec(f.annotation) for name, f in cls.model_fields.items()}
+    return plan
+
+
+def json_type_problem(resource: dict, model: Any = None) -> str | None:
+    """Where and how a resource's JSON types differ from FHIR JSON's, or None (see the module docstring).
+
+    Members the model does not know are left to the model (it refuses them).
+    """
+    return _object_problem(resource, model or model_for(resource["resourceType"]), "", 1)
+
+
+def _object_problem(obj: dict, cls: Any, path: str, depth: int) -> str | None:
+    if depth > _MAX_NESTING:
+        return f"{path}: nested deeper than {_MAX_NESTING} levels"
+    plan = _type_plan(cls)
+    for key, value in obj.items():
+        spec = plan.get(key)
+        if spec is None:
+            continue
+        where = f"{path}.{key}" if path else key
+        is_list, kind, child = spec
+        if value is None:
+            return f"{where}: null is not allowed in FHIR JSON"
+        if is_list:
+            if type(value) is not list:
+                return f"{where}: must be a JSON array"
+            # a null keeps two arrays aligned: a primitive's values and their `_element` extensions
+            nulls_allowed = isinstance(obj.get(key[1:]), list) if key[0] == "_" else (
+                kind in _SCALAR_KINDS and isinstance(obj.get("_" + key), list))
+            for i, item in enumerate(value):
+                if item is None:
+                    if nulls_allowed:
+                        continue
+                    return f"{where}[{i}]: null is not allowed in FHIR JSON"
+                problem = _value_problem(item, kind, child, f"{where}[{i}]", depth)
+                if problem is not None:
+                    return problem
+        else:
+            problem = _value_problem(value, kind, child, where, depth)
+            if problem is not None:
+                return problem
+    return None
+
+
+def _value_problem(value: Any, kind: str, child: Any, where: str, depth: int) -> str | None:
+    allowed = _SCALAR_KINDS.get(kind)
+    if allowed is not None:
+        if type(value) not in allowed:
+            return f"{where}: must be a JSON {kind}, not {_json_name(value)}"
+        if kind == "string" and len(value) > MAX_STRING:
+            return f"{where}: a string longer than {MAX_STRING} characters (FHIR's 1 MB limit)"
+        return None
+    if kind == "object":
+        if type(value) is not dict:
+            return f"{where}: must be a JSON object, not {_json_name(value)}"
+        return _object_problem(value, child, where, depth + 1)
+    if kind == "resource":
+        if type(value) is not dict or not isinstance(value.get("resourceType"), str):
+            return f"{where}: must be a resource (a JSON object with a resourceType)"
+        try:
+            model = model_for(value["resourceType"])
+        except (KeyError, ValueError, TypeError):
+            return f"{where}: unknown resourceType"
+        return _object_problem(value, model, where, depth + 1)
+    return None
+
+
+def _json_name(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true/false"
+    return {str: "a string", int: "an integer", float: "a number", list: "an array", dict: "an object"}.get(
+        type(value), type(value).__name__
+    )

@@ -156,3 +156,153 @@ def test_memo_stands_aside_on_unchecked_library_versions(monkeypatch):
     for res in population(3):
         assert memo.problem(res) is None
     assert memo.limit == 0 and not memo._valid
+
+
+# --------------------------------------------------------------------------- FHIR JSON types (issue 10, item 4)
+
+from fhir_aibl.validation import JsonTypeError, full_problem, json_type_problem  # noqa: E402
+
+#: A wrong JSON type for each kind of position: what a hostile or broken sender may put there.
+WRONG = {
+    "string": st.one_of(st.integers(-10**6, 10**6), st.floats(allow_nan=False, allow_infinity=False), st.booleans(),
+                        st.just([]), st.just({}), st.lists(st.text(max_size=3), min_size=1, max_size=2), st.none()),
+    "boolean": st.one_of(st.sampled_from(["true", "false", "1", ""]), st.integers(0, 1), st.just(1.0), st.none(),
+                         st.just([True]), st.just({})),
+    "integer": st.one_of(st.sampled_from(["1", "2.0"]), st.floats(allow_nan=False, allow_infinity=False), st.booleans(),
+                         st.none(), st.just([1])),
+    "number": st.one_of(st.sampled_from(["-3.0", "1", "1e2", " -2.5"]), st.booleans(), st.none(), st.just([1.5]),
+                        st.just({"value": 1})),
+    "object": st.one_of(st.text(max_size=5), st.integers(), st.booleans(), st.none(), st.just([{}])),
+    "array": st.one_of(st.just({}), st.just({"coding": []}), st.text(max_size=5), st.integers(), st.none()),
+}
+
+
+def primitive_positions(resource: dict):
+    """(path, kind) of every element of a resource, as the walk of validation.py sees it, leaves and containers."""
+    from fhir_aibl.validation import _type_plan
+
+    def walk(obj, cls, path):
+        plan = _type_plan(cls)
+        for key, value in obj.items():
+            spec = plan.get(key)
+            if spec is None:
+                continue
+            is_list, kind, child = spec
+            here = path + (key,)
+            if is_list:
+                yield here, "array"
+                for i, item in enumerate(value):
+                    if kind == "object":
+                        yield here + (i,), "object"
+                        yield from walk(item, child, here + (i,))
+                    elif kind in ("string", "boolean", "integer", "number"):
+                        yield here + (i,), kind
+            elif kind == "object":
+                yield here, "object"
+                yield from walk(value, child, here)
+            elif kind in ("string", "boolean", "integer", "number"):
+                yield here, kind
+
+    yield from walk(resource, model_for(resource["resourceType"]), ())
+
+
+def put(resource: dict, path: tuple, value) -> dict:
+    out = copy.deepcopy(resource)
+    holder = out
+    for step in path[:-1]:
+        holder = holder[step]
+    holder[path[-1]] = value
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def typed_samples() -> tuple[dict, ...]:
+    """The samples, and a Patient (validated in full: not a memo type)."""
+    patient = next(r for r in synth.patient_record(5, 0, AS_OF) if r["resourceType"] == "Patient")
+    return samples() + (patient,)
+
+
+@functools.lru_cache(maxsize=1)
+def positions() -> tuple:
+    """(sample index, path, kind) of every element of every sample, and the _VARYING leaves."""
+    out = []
+    for i, res in enumerate(typed_samples()):
+        seen = set()
+        for path, kind in primitive_positions(res):
+            out.append((i, path, kind))
+            seen.add(path)
+        for path in _VARYING.get(res["resourceType"], ()):  # the memo's leaves, present or not in this sample
+            if path not in seen and (len(path) == 1 or isinstance(res.get(path[0]), dict)):
+                kind = {"value": "number"}.get(path[-1], "string")
+                out.append((i, path, kind))
+    return tuple(out)
+
+
+def test_the_synthetic_samples_cover_every_kind_of_position():
+    kinds = {kind for _i, _p, kind in positions()}
+    assert kinds == {"string", "number", "object", "array"} | ({"boolean"} & kinds) | ({"integer"} & kinds)
+    assert len(positions()) > 300
+
+
+@settings(max_examples=600, deadline=None)
+@given(data=st.data())
+def test_a_wrong_json_type_anywhere_is_refused_and_the_memo_agrees_with_a_full_validation(data):
+    index, path, kind = data.draw(st.sampled_from(positions()))
+    original = typed_samples()[index]
+    wrong = data.draw(WRONG[kind])
+    variant = put(original, path, wrong)
+    expected = full(variant)
+    # The verdict: never valid with a wrong JSON type (a list of one string where a string
+    # is expected is the one wrong type the memo's list-free paths never see; it fails too).
+    assert expected is not None, (path, wrong)
+    memo = ValidationMemo()
+    assert memo_verdict(memo, original) is None  # the shape is remembered
+    before = copy.deepcopy(variant)
+    assert memo_verdict(memo, variant) == expected, (path, wrong)
+    assert variant == before
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_right_json_types_at_the_memo_leaves_get_the_models_verdict(data):
+    """Well-typed values (valid or not for the datatype): the memo answers what the models answer."""
+    leaves = [p for p in positions() if p[1] in _VARYING.get(typed_samples()[p[0]]["resourceType"], ())]
+    index, path, kind = data.draw(st.sampled_from(leaves))
+    original = typed_samples()[index]
+    value = data.draw({"string": st.one_of(st.sampled_from(BAD_AND_GOOD[:20]), st.text(max_size=30)),
+                       "number": st.one_of(st.integers(), st.floats(allow_nan=False, allow_infinity=False))}[kind])
+    variant = put(original, path, value)
+    memo = ValidationMemo()
+    memo_verdict(memo, original)
+    assert memo_verdict(memo, variant) == full(variant)
+    assert full(variant) is None or full(variant) == memo_verdict(ValidationMemo(limit=0), variant)
+
+
+def test_the_models_alone_are_lax_and_validation_is_not():
+    """Issue 10, item 4: a T-score value given as a string and a date as an integer were accepted."""
+    dxa = next(r for r in samples() if r["resourceType"] == "Observation" and "valueQuantity" in r)
+    as_string = put(dxa, ("valueQuantity", "value"), "-3.0")
+    as_integer = put(dxa, ("effectiveDateTime",), 20250110)
+    for variant in (as_string, as_integer):
+        model_for("Observation").model_validate(variant)  # the pydantic models take both
+        problem = full_problem(variant)
+        assert isinstance(problem, JsonTypeError)
+        memo = ValidationMemo()
+        assert memo.problem(dxa) is None
+        assert isinstance(memo.problem(variant), JsonTypeError)
+    assert json_type_problem(as_string) == "valueQuantity.value: must be a JSON number, not a string"
+    assert json_type_problem(as_integer) == "effectiveDateTime: must be a JSON string, not an integer"
+
+
+def test_nulls_are_refused_except_beside_a_primitive_extension_array():
+    patient = typed_samples()[-1]
+    name = {"family": "Doe", "given": ["Ann", None], "_given": [None, {"extension": [{"url": "http://x", "valueString": "y"}]}]}
+    assert json_type_problem({**patient, "name": [name]}) is None
+    assert "null" in json_type_problem({**patient, "name": [{"family": "Doe", "given": ["Ann", None]}]})
+    assert "null" in json_type_problem({**patient, "gender": None})
+
+
+def test_a_string_over_one_megabyte_is_refused():
+    patient = typed_samples()[-1]
+    assert "longer than" in json_type_problem({**patient, "name": [{"family": "x" * (1024 * 1024 + 1)}]})
+    assert json_type_problem({**patient, "name": [{"family": "x" * (1024 * 1024)}]}) is None

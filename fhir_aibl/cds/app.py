@@ -52,6 +52,8 @@ from ..assess import Assessor
 from ..careplan import load_catalogue
 from ..errors import AiblError
 from ..references import MEDICATION_USE_TYPES, MedicationIndex, medication_reference
+from ..jsoninput import JsonInputError, NotJsonError
+from ..jsoninput import loads as json_loads
 from .auth import JwtVerifier
 from . import about
 from .cards import CardBuilder, IssuedCard, fill_source_url
@@ -206,9 +208,11 @@ class CdsService:
         if not size:
             raise BadRequestError("the request body is empty")
         try:
-            return orjson.loads(b"".join(chunks))
-        except orjson.JSONDecodeError as exc:
-            raise BadRequestError(f"malformed JSON: {str(exc).splitlines()[0][:120]}") from None
+            return json_loads(b"".join(chunks))
+        except NotJsonError as exc:
+            raise BadRequestError(f"malformed JSON: {exc.reason.removeprefix('not JSON: ')[:120]}") from None
+        except JsonInputError as exc:  # nested too deep, a duplicate key (FHIR JSON forbids them)
+            raise BadRequestError(f"the request body is not valid FHIR JSON: {exc}") from None
 
     # -- discovery ------------------------------------------------------------------------
     def discovery(self) -> dict:

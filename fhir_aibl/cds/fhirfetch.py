@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
-import orjson
 import requests
 
+from ..jsoninput import JsonInputError, NotJsonError
+from ..jsoninput import loads as json_loads
 from .prefetch import bundle_resources
 from .settings import FhirSettings
 
@@ -149,9 +150,11 @@ class Fetcher:
                     raise requests.Timeout()
                 chunks.append(chunk)
         try:
-            body = orjson.loads(b"".join(chunks))
-        except orjson.JSONDecodeError:
+            body = json_loads(b"".join(chunks))
+        except NotJsonError:
             raise FetchError("the FHIR server did not answer with JSON") from None
+        except JsonInputError as exc:  # nested too deep, a duplicate key
+            raise FetchError(f"the FHIR server's answer is not valid FHIR JSON: {exc}") from None
         if not isinstance(body, dict) or not isinstance(body.get("resourceType"), str):
             raise FetchError("the FHIR server did not answer with a FHIR resource")
         return body

@@ -21,6 +21,7 @@ from urllib.parse import quote, urlencode
 
 import requests
 
+from ..jsoninput import loads as json_loads
 from .auth import Auth
 from .errors import AuthError, FhirError, IgnoredParameter, NotFound, PageLimit, ServerError, outcome_diagnostics
 from .http import Http, resource_of
@@ -446,8 +447,8 @@ def _write_result(resp: requests.Response) -> WriteResult:
     resource = None
     if resp.content:
         try:
-            resource = resp.json()
-        except ValueError:
+            resource = json_loads(resp.content)
+        except ValueError:  # not JSON, nested too deep, a duplicate key
             resource = None
     return WriteResult(
         status=resp.status_code,

@@ -59,22 +59,11 @@ from .errors import (
 )
 from .settings import ClientSettings
 
-try:
-    import orjson
+import orjson
 
-    def _loads(data: bytes) -> Any:
-        return orjson.loads(data)
+from ..jsoninput import loads as _loads  # JSON in: depth bounded, duplicate keys refused (ValueError)
 
-    def _dumps(obj: Any) -> bytes:
-        return orjson.dumps(obj)
-except ImportError:  # pragma: no cover - orjson is a dependency; this is a safety net
-    import json
-
-    def _loads(data: bytes) -> Any:
-        return json.loads(data)
-
-    def _dumps(obj: Any) -> bytes:
-        return json.dumps(obj, separators=(",", ":")).encode()
+_dumps = orjson.dumps
 
 
 log = logging.getLogger("fhir_aibl.fhir")
@@ -310,7 +299,7 @@ class Http:
                 try:
                     value = _loads(resp.content)
                 except ValueError as exc:
-                    raise BadResponse(f"{label}: the server's answer is not JSON") from exc
+                    raise BadResponse(f"{label}: the server's answer is not valid FHIR JSON ({exc})") from exc
             problem = expect(value) if expect is not None else None
             if problem:
                 raise BadResponse(f"{label}: {problem}")

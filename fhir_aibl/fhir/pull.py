@@ -25,9 +25,11 @@ did not apply the filter; nothing it answered can be trusted). A resource naming
 patient at all is dropped with a warning, as the file reader does. A search the server
 says it did not apply (an OperationOutcome entry) raises IgnoredParameter. A type the
 server cannot search by patient at all is handled per `VendorProfile.unsearchable`.
-The resources are validated with the FHIR R4 (R4B) models, as the file reader does; an
-invalid one is dropped with a warning, so that a server record and a file of the same
-record give the same assessment.
+The resources the rules read (`validation.needs_validation`, the file reader's decision) are
+validated with the FHIR R4 (R4B) models and FHIR JSON types, as the file reader does, with
+one validation memo for the whole run; an invalid one is dropped with a warning, so that a
+server record and a file of the same record give the same assessment. A resource the rules
+never read (a heart rate) is passed on unvalidated, as the file reader passes it on.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ from typing import Any
 from ..careplan import IDENTIFIER_SYSTEM
 from ..references import MEDICATION_USE_TYPES, MedicationIndex, medication_reference, parse_reference
 from ..sources import RELEVANT_TYPES
-from ..validation import ValidationMemo, model_for
+from ..terminology import Terminology, default_terminology
+from ..validation import ValidationMemo, model_for, needs_validation
 from .client import FhirClient, SearchSpec, entry_status
 from .errors import ConfigError, CrossPatient, FhirError, NotFound, NotSupported, ServerError, server_error
 
@@ -146,9 +149,12 @@ class Puller:
     Not thread-safe (it caches type scans and what the server refused); use one per worker.
     """
 
-    def __init__(self, client: FhirClient, *, careplans: bool = False):
+    def __init__(self, client: FhirClient, *, careplans: bool = False, terminology: Terminology | None = None):
         self.client = client
         self.careplans = careplans
+        #: the value sets the pulled records are assessed with: what they read is what is validated
+        self.terminology = terminology or default_terminology()
+        self._memo = ValidationMemo()  # shapes that passed validation, for the whole run (bounded)
         self._batch_refused = False
         self._revinclude_refused = False
         self._scans: dict[str, dict[str, list[dict]]] = {}
@@ -426,9 +432,8 @@ class Puller:
                 if old is None or _version(r) > _version(old):
                     kept[key] = r
         valid: list[dict] = []
-        memo = ValidationMemo()
         for r in kept.values():
-            problem = validation_problem(r, memo)
+            problem = validation_problem(r, self._memo) if needs_validation(r, self.terminology) else None
             if problem is None:
                 valid.append(r)
             else:

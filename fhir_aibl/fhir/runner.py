@@ -138,7 +138,7 @@ class Runner:
         self.sleep = sleep
         self.now = now or (lambda: dt.datetime.now(dt.timezone.utc))
         self.on_progress = on_progress
-        self.puller = Puller(client, careplans=write_back)
+        self.puller = Puller(client, careplans=write_back, terminology=assessor.terminology)
         self._modes: WriteModes | None = None
 
     @property

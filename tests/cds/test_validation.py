@@ -124,12 +124,24 @@ def test_without_validation_nothing_is_dropped_or_reported(make_app):
 
 
 def validate_each(resources):
-    """The reference: every resource validated alone by its R4B model."""
+    """The reference: every resource validated alone, FHIR JSON types then its R4B model (`full_problem`)."""
+    from fhir_aibl.validation import JsonTypeError, full_problem
+
     good, bad = [], []
     for res in resources:
         try:
-            model_for(res["resourceType"]).model_validate(res)
-        except (ValidationError, ValueError, TypeError, KeyError):
+            problem = full_problem(res)
+        except KeyError:
+            problem = KeyError(res["resourceType"])
+        if problem is None:
+            try:  # the models agree on every resource that has the right JSON types
+                model_for(res["resourceType"]).model_validate(res)
+            except (ValidationError, ValueError, TypeError) as exc:
+                raise AssertionError(f"JSON types right, models refuse: {exc}") from None
+        elif not isinstance(problem, JsonTypeError):
+            with pytest.raises((ValidationError, ValueError, TypeError, KeyError)):
+                model_for(res["resourceType"]).model_validate(res)
+        if problem is not None:
             bad.append(f"`{res['resourceType']}/{res.get('id', '?')}`")
             continue
         good.append(res)

@@ -174,7 +174,7 @@ def test_unsearchable_types_can_be_skipped_or_fail_instead():
 def test_resources_naming_no_patient_or_failing_validation_are_left_out_with_a_warning():
     loose = observation("loose", "p1")
     loose["subject"] = {"identifier": {"value": "MRN1"}}
-    broken = observation("broken", "p1")
+    broken = observation("broken", "p1", "38267-1")  # a lumbar-spine T-score: the rules read it
     broken["status"] = 42  # not a code
     # a server matching `loose` to p1 by its identifier: here, one that answers every Observation
     fake = FakeFhir(resources=record("p1") + [broken, loose], ignores_patient=frozenset({"Observation"}))
@@ -238,3 +238,31 @@ def test_patient_references_are_read_strictly():
     assert patient_of({"resourceType": "Observation", "subject": {"reference": "Group/g"}}, base) is None
     assert patient_of({"resourceType": "FamilyMemberHistory", "patient": {"reference": "Patient/b"}}, base) == "b"
     assert patient_of({"resourceType": "Patient", "id": "c"}, base) == "c"
+
+
+def test_only_what_the_rules_read_is_validated_with_one_memo_for_the_run(monkeypatch):
+    """Issue 14: the pull validated every resource, with a new memo per patient."""
+    from fhir_aibl.fhir import pull as pull_module
+
+    unread = observation("heart-rate", "p1", "8867-4")  # a heart rate: no rule reads it
+    unread["status"] = 42  # invalid, but never read: passed on unvalidated, as the file reader does
+    fake = FakeFhir(resources=record("p1") + record("p2") + [unread])
+    validated, memos = [], set()
+    real = pull_module.validation_problem
+
+    def spy(resource, memo=None):
+        validated.append(f"{resource['resourceType']}/{resource['id']}")
+        memos.add(id(memo))
+        return real(resource, memo)
+
+    monkeypatch.setattr(pull_module, "validation_problem", spy)
+    with mock() as rsps:
+        fake.install(rsps)
+        client = FhirClient(BASE, profile=PROFILES["generic"])
+        client.http.sleep = lambda s: None
+        puller = Puller(client)
+        first, second = puller.pull("p1"), puller.pull("p2")
+    assert "Observation/heart-rate" in ids(first.resources) and "Observation/heart-rate" not in validated
+    assert not any("heart-rate" in w for w in first.warnings)
+    assert set(validated) == set(ids(first.resources + second.resources)) - {"Observation/heart-rate"}
+    assert len(memos) == 1 and None not in memos
