@@ -55,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     assess = sub.add_parser("assess", help="assess patients in FHIR Bundles, NDJSON files or directories")
     assess.add_argument("paths", nargs="+", metavar="PATH")
     assess.add_argument("--as-of", type=_date, default=None, help="reference date (default: today)")
-    assess.add_argument("--format", choices=("table", "json", "fhir"), default="table")
+    assess.add_argument("--format", choices=("table", "json", "fhir", "html"), default="table")
+    assess.add_argument("--out", type=Path, default=None, help="html: the folder for one page per patient and index.html")
     assess.add_argument("--rules", type=Path, default=None, help="rule file (default: rules/aibl.yaml)")
     assess.add_argument(
         "--mode", default="default", help="boundary mode of the rule file: default or hadji (CLINICAL.md G3/G4)"
@@ -208,6 +209,8 @@ def _assess(args: argparse.Namespace) -> int:
     as_of = args.as_of or dt.date.today()
     assessor = Assessor(args.rules, mode=args.mode)
     records = iter_records(args.paths, terminology=assessor.terminology)
+    if args.format == "html":
+        return _assess_html(args, assessor, records, as_of)
     if args.format == "json":
         # Streamed: one patient's result at a time, so memory does not grow with the input.
         # The errors follow the output on stderr instead of preceding it; both streams hold
@@ -227,6 +230,20 @@ def _assess(args: argparse.Namespace) -> int:
     else:
         print(format_table(assessments))
         print(f"\n{len(assessments)} assessed, {len(problems)} rejected; ruleset {assessor.rulebook.name}; as of {as_of}")
+    return 1 if problems else 0
+
+
+def _assess_html(args: argparse.Namespace, assessor: Assessor, records: Any, as_of: dt.date) -> int:
+    from .view.site import write_site
+
+    if args.out is None:
+        _err("error: --format html needs --out DIR (the folder for the pages)")
+        return 2
+    problems: list[AiblError] = []
+    pages = write_site(assessor, records, as_of, args.out, problems)
+    for problem in problems:
+        _err(f"error: {problem}")
+    print(f"{len(pages) - 1} patient pages and {pages[-1]} written; {len(problems)} rejected; as of {as_of}")
     return 1 if problems else 0
 
 
