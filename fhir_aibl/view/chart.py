@@ -77,13 +77,15 @@ def build_chart(view: PatientView) -> Chart | None:
         yticks.append({"y": y(tick), "label": score_text(tick) if tick else "0"})
         tick -= 1.0
     xticks = []
-    # years on a long history, quarters on a short one
-    months = (1,) if last - first > 3 * 365 else (1, 4, 7, 10)
+    # years on a long history, half-years on a medium one, quarters on a short one
+    span = last - first
+    months = (1,) if span > 3 * 365 else (1, 7) if span > 400 else (1, 4, 7, 10)
     for year in range(dt.date.fromordinal(first).year, dt.date.fromordinal(last).year + 1):
         for month in months:
             tick_day = dt.date(year, month, 1)
             if first <= _days(tick_day) <= last:
-                xticks.append({"x": x(tick_day), "label": str(year) if len(months) == 1 else f"{tick_day:%b %Y}"})
+                label = str(year) if month == 1 and len(months) < 4 else f"{tick_day:%b}" if len(months) < 4 else f"{tick_day:%b %Y}"
+                xticks.append({"x": x(tick_day), "label": label})
     series = []
     for index, (measure, site) in enumerate(
         sorted({(p.measure, p.site) for p in dated}, key=lambda k: (k[0], SITE_ORDER.index(k[1]) if k[1] in SITE_ORDER else 99))
