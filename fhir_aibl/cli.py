@@ -1,6 +1,6 @@
 """The `fhir-aibl` command.
 
-    fhir-aibl assess PATH... [--as-of DATE] [--format table|json|fhir] [--rules FILE] [--mode M] [--explain]
+    fhir-aibl assess PATH... [--as-of DATE] [--format table|json|fhir|html] [--out DIR] [--rules FILE] [--mode M] [--explain]
     fhir-aibl run --fhir-base URL (--patient ID ... | --all) [--write-back] ...   (fhir_aibl/fhir/command.py)
     fhir-aibl serve [--host 127.0.0.1] [--port 8080] [--config FILE]              (fhir_aibl/cds/command.py)
     fhir-aibl synth --patients N --seed S --out DIR                                 (fhir_aibl/synth.py)
