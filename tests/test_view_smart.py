@@ -135,3 +135,17 @@ def test_a_denied_authorization_or_an_unknown_state(stack):
 def test_the_ehr_fhir_server_answers_only_with_the_patients_token(stack):
     _app_base, ehr = stack
     assert requests.get(f"{ehr.iss}/Patient/v06", timeout=30).status_code == 401
+
+
+def test_the_app_shows_what_the_offline_page_shows(stack, assessor, tmp_path):
+    """The page launched from the EHR says to the clinician what `assess --format html` says (same record, same date)."""
+    from fhir_aibl import cli
+
+    from .view_helpers import FIXTURES, texts
+
+    app_base, ehr = stack
+    online = requests.get(launch_url(app_base, ehr.iss, ehr.new_launch("v43")), timeout=60)
+    assert online.status_code == 200
+    assert cli.main(["assess", str(FIXTURES / "V43.json"), "--as-of", AS_OF.isoformat(), "--format", "html", "--out", str(tmp_path)]) == 0
+    offline = (tmp_path / "v43.html").read_text()
+    assert texts(online.text)[0] == texts(offline)[0]
