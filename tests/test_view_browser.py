@@ -108,3 +108,15 @@ def test_index_links_every_page(site, page):
     assert links.count() == len(CASES)
     links.first.click()
     assert page.locator("#category").count() == 1
+
+
+def test_without_chromium_the_browser_tests_skip_locally_and_fail_on_ci(monkeypatch, tmp_path):
+    from . import browser as browser_module
+
+    monkeypatch.setattr(browser_module, "CHROMIUM", tmp_path / "no-chromium")
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="not installed"):
+        browser_module.require_chromium()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI is set"):
+        browser_module.require_chromium()
