@@ -110,6 +110,13 @@ def test_an_undated_result_is_listed_but_not_drawn(assessor, catalogue, tmp_path
     assert "date unknown" in texts(html)[0]
 
 
+def test_after_the_aromatase_inhibitor_the_denosumab_advice_is_not_hidden(assessor, catalogue):
+    view, _ = _view(assessor, catalogue, FIXTURES / "V34.json")
+    assert view.category == "not-applicable" and view.category_text == "No risk category"
+    assert "the recommendations below still do" in view.why
+    assert len(view.recommendations) == 1 and view.recommendations[0].status == "Recommended"
+
+
 def test_no_dxa_no_chart(assessor, catalogue):
     view, _ = _view(assessor, catalogue, FIXTURES / "V20.json")
     html = render_patient(view)
@@ -142,7 +149,7 @@ def test_cli_writes_a_page_per_patient_and_an_index(tmp_path, capsys):
     for page in ("v06.html", "v31.html", "v43.html"):
         assert f'href="{page}"' in index
     assert "1 input could not be assessed" in index
-    assert "No assessment needed" in index
+    assert "No risk category" in index
 
 
 def test_cli_html_needs_an_out_folder(capsys):

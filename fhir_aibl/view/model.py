@@ -38,7 +38,7 @@ CATEGORY_TEXT = {
     "moderate": "Moderate risk",
     "low": "Low risk",
     "indeterminate": "Risk not yet known",
-    "not-applicable": "No assessment needed",
+    "not-applicable": "No risk category",
 }
 RISK_FACTOR_TEXT = {
     "age-over-65": "Age over 65",
@@ -290,7 +290,10 @@ def _dxa_points(facts: FactSet, by_ref: Mapping[str, Mapping[str, Any]], assessm
 def _why(assessment: Assessment, points: list[DxaPoint], risk_factors: list[str]) -> str:
     a = assessment
     if a.category == "not-applicable":
-        return f"The patient is {AI_TEXT.get(a.ai_status, 'not taking an aromatase inhibitor')}, so no bone-loss assessment for it is needed."
+        taking = AI_TEXT.get(a.ai_status, "not taking an aromatase inhibitor")
+        if a.recommendations:
+            return f"The patient is {taking}, so no risk category applies; the recommendations below still do."
+        return f"The patient is {taking}, so no risk category applies and nothing is recommended for bone loss from it."
     chosen = next((p for p in points if p.selected), None)
     if chosen is not None:
         score = f"The lowest valid {chosen.measure}-score is {score_text(chosen.value)} at the {chosen.site_text} ({day_text(chosen.date)})"
