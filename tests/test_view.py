@@ -117,6 +117,19 @@ def test_after_the_aromatase_inhibitor_the_denosumab_advice_is_not_hidden(assess
     assert len(view.recommendations) == 1 and view.recommendations[0].status == "Recommended"
 
 
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        ("V13", "a fracture of the hip at age 57"),
+        ("V28", "bone density at the lumbar spine falling 6.0% a year"),
+        ("V41", "ovarian suppression (a GnRH agonist)"),
+    ],
+)
+def test_why_names_what_else_decided_the_category(assessor, catalogue, name, reason):
+    view, _ = _view(assessor, catalogue, FIXTURES / f"{name}.json")
+    assert f"The category also rests on {reason}" in view.why
+
+
 def test_no_dxa_no_chart(assessor, catalogue):
     view, _ = _view(assessor, catalogue, FIXTURES / "V20.json")
     html = render_patient(view)

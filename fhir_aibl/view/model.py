@@ -287,7 +287,32 @@ def _dxa_points(facts: FactSet, by_ref: Mapping[str, Mapping[str, Any]], assessm
     return points
 
 
-def _why(assessment: Assessment, points: list[DxaPoint], risk_factors: list[str]) -> str:
+FRACTURE_SITE_TEXT = {"hip": "hip", "vertebral": "spine (vertebral)", "wrist": "wrist"}
+
+
+def _also_deciding(assessment: Assessment, facts: FactSet) -> list[str]:
+    """What else the category rests on, in words: the fractures, the rate of bone loss, ovarian suppression among its evidence."""
+    finding = assessment.finding("category", assessment.category)
+    if finding is None:
+        return []
+    evidence = {_plain_ref(r) for r in finding.evidence}
+    out = []
+    for fact in facts.facts:
+        if not {_plain_ref(r) for r in fact.get("refs", [])} & evidence:
+            continue
+        if fact["t"] == "fracture":
+            where = FRACTURE_SITE_TEXT.get(fact.get("site"))
+            age = f" at age {fact['age_at']}" if isinstance(fact.get("age_at"), int) else ""
+            out.append(f"a fracture{' of the ' + where if where else ''}{age}")
+        elif fact["t"] == "bmd_change" and isinstance(fact.get("pct_per_year"), (int, float)) and fact["pct_per_year"] < 0:
+            site = SITE_TEXT.get(fact.get("site"), "spine or hip")
+            out.append(f"bone density at the {site} falling {abs(fact['pct_per_year']):.1f}% a year")
+        elif fact["t"] == "hormone_med" and fact.get("class") == "gnrh-agonist":
+            out.append("ovarian suppression (a GnRH agonist) with the aromatase inhibitor")
+    return list(dict.fromkeys(out))
+
+
+def _why(assessment: Assessment, points: list[DxaPoint], risk_factors: list[str], facts: FactSet) -> str:
     a = assessment
     if a.category == "not-applicable":
         taking = AI_TEXT.get(a.ai_status, "not taking an aromatase inhibitor")
@@ -303,7 +328,8 @@ def _why(assessment: Assessment, points: list[DxaPoint], risk_factors: list[str]
         rf = f"{len(risk_factors)} risk factor{'s' if len(risk_factors) > 1 else ''} ({', '.join(r.lower() for r in risk_factors)})"
     else:
         rf = "no risk factor on record"
-    return f"{score}, with {rf}."
+    also = _also_deciding(a, facts)
+    return f"{score}, with {rf}." + (f" The category also rests on {'; '.join(also)}." if also else "")
 
 
 def _measured(finding: Finding, facts: FactSet, by_ref: Mapping[str, Mapping[str, Any]]) -> list[Measured]:
@@ -478,7 +504,7 @@ def build_view(
         as_of=assessment.as_of,
         category=assessment.category,
         category_text=CATEGORY_TEXT[assessment.category],
-        why=_why(assessment, points, risk_factors),
+        why=_why(assessment, points, risk_factors, facts),
         ai_status=AI_TEXT.get(assessment.ai_status, assessment.ai_status),
         ai_start=ai_start,
         ai_name=ai_name,
