@@ -1,6 +1,6 @@
 """The `fhir-aibl` command.
 
-    fhir-aibl assess PATH... [--as-of DATE] [--format table|json|fhir] [--rules DIR-or-FILE] [--mode M] [--explain]
+    fhir-aibl assess PATH... [--as-of DATE] [--format table|json|fhir|html] [--out DIR] [--rules DIR-or-FILE] [--mode M] [--explain]
     fhir-aibl run --fhir-base URL (--patient ID ... | --all) [--write-back] ...   (fhir_aibl/fhir/command.py)
     fhir-aibl serve [--host 127.0.0.1] [--port 8080] [--config FILE]              (fhir_aibl/cds/command.py)
     fhir-aibl synth --patients N --seed S --out DIR                                 (fhir_aibl/synth.py)
@@ -92,10 +92,13 @@ def _parser() -> argparse.ArgumentParser:
     assess.add_argument("--as-of", type=_date, default=None, metavar="YYYY-MM-DD",
                         help="reference date; data recorded after it is not used (default: today)")
     assess.add_argument(
-        "--format", choices=("table", "json", "fhir"), default="table",
+        "--format", choices=("table", "json", "fhir", "html"), default="table",
         help="table: a table on stdout; json: one JSON array, one object per patient (the output contract); "
-        "fhir: a transaction Bundle of CarePlans and RiskAssessments (default: table)",
+        "fhir: a transaction Bundle of CarePlans and RiskAssessments; html: the bone-health view, one page per "
+        "patient plus index.html in --out (default: table)",
     )
+    assess.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="with --format html: the folder for one page per patient and index.html (no default: required)")
     assess.add_argument("--rules", type=Path, default=None, metavar="DIR-or-FILE", help=RULES_HELP)
     assess.add_argument(
         "--mode", default="default",
@@ -265,6 +268,8 @@ def _assess(args: argparse.Namespace) -> int:
     as_of = args.as_of or dt.date.today()
     assessor = Assessor(args.rules, mode=args.mode)
     records = iter_records(args.paths, terminology=assessor.terminology)
+    if args.format == "html":
+        return _assess_html(args, assessor, records, as_of)
     if args.format == "json":
         # Streamed: one patient's result at a time, so memory does not grow with the input.
         # The errors follow the output on stderr instead of preceding it; both streams hold
@@ -286,6 +291,20 @@ def _assess(args: argparse.Namespace) -> int:
         incomplete = sum(isinstance(p, PatientMissingError) for p in problems)
         rejected = f"{len(problems) - incomplete} rejected" + (f", {incomplete} without a usable Patient" if incomplete else "")
         print(f"\n{len(assessments)} assessed, {rejected}; ruleset {assessor.rulebook.name}; as of {as_of}")
+    return 1 if problems else 0
+
+
+def _assess_html(args: argparse.Namespace, assessor: Assessor, records: Any, as_of: dt.date) -> int:
+    from .view.site import write_site
+
+    if args.out is None:
+        _err("error: --format html needs --out DIR (the folder for the pages)")
+        return 2
+    problems: list[AiblError] = []
+    pages = write_site(assessor, records, as_of, args.out, problems)
+    for problem in problems:
+        _err(f"error: {problem}")
+    print(f"{len(pages) - 1} patient pages and {pages[-1]} written; {len(problems)} rejected; as of {as_of}")
     return 1 if problems else 0
 
 

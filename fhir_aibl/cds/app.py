@@ -74,6 +74,7 @@ from .protocol import HookRequest, parse_feedback, parse_hook_request
 from .safety import ANTIRESORPTIVE_CLASSES, load_safety_table, medication_concepts
 from .settings import Settings
 from .validation import select_and_validate
+from ..view.routes import router as view_router
 
 log = logging.getLogger("fhir_aibl.cds")
 
@@ -510,6 +511,8 @@ def create_app(
             place = f" at {Path(where.filename).name}:{where.lineno}" if where else ""
             log.error("%s %s -> 500 %s%s", request.method, request.url.path, type(exc).__name__, place)
         return _error_response(AiblError("internal error"), 500)
+
+    app.include_router(view_router)  # the bone-health view, a SMART on FHIR app (fhir_aibl/view/routes.py)
 
     @app.get("/cds-services")
     async def discovery() -> dict:

@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import AiblError
+from ..view.smart import SmartSettings
 
 #: JWS algorithms the CDS Hooks specification allows: asymmetric only. ES384 and RS384 are
 #: the ones it recommends; HMAC ("HS*") would let anyone holding the shared secret, including
@@ -225,6 +226,7 @@ class Settings(_Model):
     jwt: JwtSettings = Field(default_factory=JwtSettings)
     fhir: FhirSettings = Field(default_factory=FhirSettings)
     feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
+    smart: SmartSettings = Field(default_factory=SmartSettings, description="the bone-health view as a SMART app (docs/view.md)")
 
     @field_validator("public_base_url")
     @classmethod
