@@ -228,14 +228,21 @@ def format_table(assessments: Sequence[Assessment]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def fhir_bundle_json(assessments: Sequence[Assessment], catalogue_path: Path | None = None) -> str:
+def fhir_bundle_json(results: Sequence[Result | Assessment], catalogue_path: Path | None = None) -> str:
     """The assessments as a transaction Bundle, with the texts of the ruleset's own catalogue
-    (`Assessor.paths.catalogue`; None: the shipped one)."""
+    (`Assessor.paths.catalogue`; None: the shipped one). Given the `Result`s, the texts name the
+    patient's own values (from the facts); given bare assessments, only what the assessment says."""
     from .careplan import build_resources, load_catalogue, transaction_bundle
+    from .clinician_text import PatientValues
     from .resources import ruleset_paths
 
     catalogue = load_catalogue(catalogue_path or ruleset_paths().catalogue)
-    pairs = [build_resources(a, catalogue) for a in assessments]
+    pairs = [
+        build_resources(r.assessment, catalogue, values=PatientValues(r.assessment, r.facts))
+        if isinstance(r, Result)
+        else build_resources(r, catalogue)
+        for r in results
+    ]
     bundle = transaction_bundle(pairs)
     return json.dumps(json.loads(bundle.model_dump_json(exclude_none=True)), indent=2)
 
@@ -285,7 +292,7 @@ def _assess(args: argparse.Namespace) -> int:
     for problem in problems:
         _err(f"error: {problem}")
     if args.format == "fhir":
-        print(fhir_bundle_json(assessments, assessor.paths.catalogue))
+        print(fhir_bundle_json(results_list, assessor.paths.catalogue))
     else:
         print(format_table(assessments))
         incomplete = sum(isinstance(p, PatientMissingError) for p in problems)
@@ -324,7 +331,7 @@ def _demo_command(args: argparse.Namespace) -> int:
         _err(f"error: {problem}")
     args.out.mkdir(parents=True, exist_ok=True)
     fhir_path = args.out / "careplans-bundle.json"
-    fhir_path.write_text(fhir_bundle_json(assessments, assessor.paths.catalogue) + "\n")
+    fhir_path.write_text(fhir_bundle_json(results, assessor.paths.catalogue) + "\n")
     json_path = args.out / "assessments.json"
     json_path.write_text(json.dumps([a.explained() for a in assessments], indent=2) + "\n")
     print(f"\n{len(assessments)} patients assessed, {len(problems)} inputs rejected.")

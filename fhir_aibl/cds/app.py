@@ -56,7 +56,7 @@ from ..jsoninput import JsonInputError, NotJsonError
 from ..jsoninput import loads as json_loads
 from .auth import JwtVerifier
 from . import about
-from .cards import CardBuilder, IssuedCard, fill_source_url
+from .cards import CardBuilder, IssuedCard, fill_service_urls
 from .errors import (
     BadRequestError,
     BusyError,
@@ -527,7 +527,7 @@ def create_app(
             raise
         except Exception as exc:  # noqa: BLE001 - one failed request must not take the details to the log
             return unexpected(request, exc)
-        fill_source_url(answer["cards"], str(request.base_url))
+        fill_service_urls(answer["cards"], str(request.base_url))
         log.info("%s: %d card(s) in %.1f ms", service_id, len(answer["cards"]), (time.monotonic() - started) * 1000)
         return Response(orjson.dumps(answer), media_type="application/json")
 

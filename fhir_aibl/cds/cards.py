@@ -80,6 +80,8 @@ SUMMARY_MAX = 140
 DETAIL_TARGET = 600
 SUGGESTION_SYSTEM = "urn:fhir-aibl:cds-suggestion"
 TOPIC = {"system": "urn:fhir-aibl:cds-topic", "code": "aibl", "display": "Aromatase-inhibitor-associated bone loss"}
+#: Where fhir-aibl serve answers the SMART EHR launch of the bone-health view (fhir_aibl/view/routes.py).
+SMART_LAUNCH_PATH = "/app/launch"
 NOTE = "Proposed by the AIBL bone health service for clinician review; nothing has been ordered."
 
 #: How bad a category is, for "unless the category worsens": an indeterminate category (the
@@ -179,7 +181,7 @@ class CardBuilder:
         self.rulebook = rulebook
         #: The slot for a later view of the patient (a SMART app link): called per assessment,
         #: returns a CDS Hooks link ({label, url, type, appContext?}) or None.
-        self.view_link = view_link
+        self.view_link = view_link if view_link is not None else self._smart_link
 
     # -- public --------------------------------------------------------------------------
     def build(
@@ -234,6 +236,15 @@ class CardBuilder:
                 log.warning("data note: %s", _REF.sub(lambda m: m.group(0).split("/")[0], note))
 
     # -- shared parts ----------------------------------------------------------------------
+    def _smart_link(self, assessment: Assessment) -> dict | None:
+        """The bone-health view as a SMART app (fhir_aibl/view): the EHR launches it with `iss` and
+        `launch`. Without a configured public URL the path is made absolute per request
+        (`fill_service_urls`)."""
+        if assessment.category == "not-applicable" and not assessment.recommendations:
+            return None
+        base = (self.settings.public_base_url or "").rstrip("/")
+        return {"label": "Open the bone-health view (DXA trend)", "url": f"{base}{SMART_LAUNCH_PATH}", "type": "smart"}
+
     def _source(self) -> dict:
         source: dict[str, Any] = {"label": self.settings.source_label, "topic": dict(TOPIC)}
         url = self.settings.source_url or (
@@ -573,8 +584,12 @@ class CardBuilder:
         return IssuedCard(card, "safety", suppressible=False, suggestion_ids=[s["uuid"] for s in suggestions])
 
 
-def fill_source_url(cards: Iterable[dict], base_url: str) -> None:
-    """Give every card without a source url the service's own about page (`base_url` + about)."""
-    url = base_url.rstrip("/") + "/about"
+def fill_service_urls(cards: Iterable[dict], base_url: str) -> None:
+    """Give every card without a source url the service's own about page (`base_url` + about),
+    and make the SMART link to the bone-health view absolute when no public URL is configured."""
+    base = base_url.rstrip("/")
     for card in cards:
-        card.get("source", {}).setdefault("url", url)
+        card.get("source", {}).setdefault("url", base + "/about")
+        for link in card.get("links", ()):
+            if link.get("type") == "smart" and link.get("url", "").startswith("/"):
+                link["url"] = base + link["url"]

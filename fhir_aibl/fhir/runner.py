@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ..clinician_text import PatientValues
 from ..assess import PATIENT_MISSING, Assessor
 from ..assessment import Assessment
 from ..careplan import Catalogue
@@ -261,6 +262,7 @@ class Runner:
                     modes=self.modes,
                     base_url=self.client.base_url,
                     now=self.now(),
+                    values=PatientValues(result.assessment, result.facts, pulled.resources),
                 )
                 written = apply_plan(self.client, plan, self.modes)
             except AuthError:

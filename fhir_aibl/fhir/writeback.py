@@ -52,6 +52,7 @@ from pydantic import ValidationError
 
 from .. import __version__
 from ..assessment import Assessment
+from ..clinician_text import PatientValues
 from ..careplan import IDENTIFIER_SYSTEM, RULESET_SYSTEM, Catalogue, build_resources, full_url
 from .client import Capabilities, FhirClient, entry_status, etag_of
 from .errors import FhirError, WriteBackError, server_error
@@ -198,10 +199,12 @@ def plan_write(
     modes: WriteModes,
     base_url: str,
     now: dt.datetime | None = None,
+    values: PatientValues | None = None,
 ) -> WritePlan:
-    """What to write for one assessment, given the patient's fhir-aibl CarePlans on the server."""
+    """What to write for one assessment, given the patient's fhir-aibl CarePlans on the server.
+    `values`: the patient's values and their dates, which the CarePlan's text names."""
     now = (now or dt.datetime.now(dt.timezone.utc)).replace(microsecond=0)
-    risk, plan = build_resources(assessment, catalogue, created=now)
+    risk, plan = build_resources(assessment, catalogue, created=now, values=values)
     ident = plan.identifier[0]
     value = str(ident.value)
     same = [c for c in existing if identifier_of(c) == value]

@@ -477,6 +477,16 @@ def test_the_card_builder_has_a_slot_for_a_view_of_the_patient(make_app):
     assert cards[0]["links"][0] == {"label": "Bone health view", "url": "https://cds.example.org/view/launch", "type": "smart"}
 
 
+def test_the_assessment_card_launches_the_bone_health_view_as_a_smart_app(make_app):
+    """CDS Hooks link of type smart: the EHR launches /app/launch with iss and launch (fhir_aibl/view)."""
+    cards = make_app().hook(PV, patient_view_request(bundle("V06"))).json()["cards"]
+    smart = [link for link in cards[0]["links"] if link["type"] == "smart"]
+    assert len(smart) == 1 and smart[0]["url"].startswith("http") and smart[0]["url"].endswith("/app/launch")
+    configured = make_app(public_base_url="https://cds.example.org/aibl")
+    cards = configured.hook(PV, patient_view_request(bundle("V06"))).json()["cards"]
+    assert [link["url"] for link in cards[0]["links"] if link["type"] == "smart"] == ["https://cds.example.org/aibl/app/launch"]
+
+
 def test_the_catalogue_gives_clinician_text_for_every_entry():
     from fhir_aibl.careplan import load_catalogue
     from fhir_aibl.clinician_text import PLACEHOLDERS, placeholders_of
