@@ -1,4 +1,4 @@
-"""The assessment of one patient: the output contract of CLINICAL.md section 0.
+"""The assessment of one patient: the output contract of docs/clinical-specification.md section 0.
 
 `Assessment.contract()` gives exactly the eight contract fields (what
 `fhir-aibl assess --format json` prints). The model carries more beside them,
@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 AIStatus = Literal["active", "planned", "stopped", "none"]
 Category = Literal["high", "moderate", "low", "indeterminate", "not-applicable"]
 
-# The order in which the contract lists risk factors (CLINICAL.md RF0).
+# The order in which the contract lists risk factors (docs/clinical-specification.md RF0).
 RISK_FACTOR_ORDER = (
     "age-over-65",
     "low-bmi",

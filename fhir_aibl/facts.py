@@ -615,7 +615,7 @@ class _Extractor:
         creatinine, weight = latest.get("creatinine"), latest.get("body-weight")
         age = age_in_years(self.birth, self.as_of) if self.birth else None
         if creatinine and weight and age is not None and creatinine[2]["value"] > 0:
-            # Cockcroft-Gault (CLINICAL.md 2.5: the labels use CrCl): (140 - age) x kg / (72 x mg/dL),
+            # Cockcroft-Gault (docs/clinical-specification.md 2.5: the labels use CrCl): (140 - age) x kg / (72 x mg/dL),
             # x 0.85 for women. Sex unknown takes the lower (female) value: missing data must not
             # make a drug look safer.
             crcl = (140 - age) * weight[2]["value"] / (72 * creatinine[2]["value"])

@@ -3,7 +3,7 @@
 A rule file (`rules/aibl.yaml`) is data a clinical reviewer reads. Each rule has a
 stable `id`, a `stage`, a condition (`when`: named fact patterns that must all
 match; `unless`: patterns that must not), what it asserts, a citation and, where it
-implements a PROPOSAL of CLINICAL.md, a note. This module turns that file into a
+implements a PROPOSAL of docs/clinical-specification.md, a note. This module turns that file into a
 durable_rules JSON ruleset (`Rulebook.durable_definition`), and refuses a file that
 could not be evaluated soundly.
 
@@ -272,7 +272,7 @@ def _parse_rule(raw: Any, index: int, params: Mapping[str, Any], citations: Mapp
     implements = raw.get("implements") or []
     implements = tuple([implements] if isinstance(implements, str) else implements)
     note = raw.get("note")
-    # Every gap resolution G1-G23 of CLINICAL.md section 1.3 is a PROPOSAL: the rule says why.
+    # Every gap resolution G1-G23 of docs/clinical-specification.md section 1.3 is a PROPOSAL: the rule says why.
     if any("PROPOSAL" in str(x) or re.fullmatch(r"G\d+", str(x)) for x in implements) and not note:
         raise RulesError("a rule that implements a PROPOSAL (a G gap resolution) needs a note", source=here)
     return Rule(

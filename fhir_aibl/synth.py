@@ -13,7 +13,7 @@ What the population is for
 It drives benchmarks and tests, so it must exercise what real records do to the reader
 and the rules, at realistic volume, and be byte-for-byte reproducible:
 
-- every output category of CLINICAL.md section 0 (`high`, `moderate`, `low`,
+- every output category of docs/clinical-specification.md section 0 (`high`, `moderate`, `low`,
   `indeterminate`, `not-applicable`) and every `ai_status` (`active`, `planned`, `stopped`,
   `none`), in proportions like an oncology cohort's (about half on an AI, a fifth with
   none, one in six having stopped, one in twelve about to start; T-scores around -1.1 with
@@ -66,7 +66,7 @@ __all__ = [
     "run",
 ]
 
-#: The reference date of the worked examples (CLINICAL.md section 5); dates are counted back from it.
+#: The reference date of the worked examples (docs/clinical-specification.md section 5); dates are counted back from it.
 DEFAULT_AS_OF = dt.date(2026, 6, 1)
 
 #: Resource type -> file name, in the Bulk Data `$export` style (`<Type>.<part>.ndjson`).
@@ -118,7 +118,7 @@ class SynthSummary:
 
 
 # =========================================================================== code tables
-# (system, code, display). Systems as CLINICAL.md section 3 gives them.
+# (system, code, display). Systems as docs/clinical-specification.md section 3 gives them.
 
 LOINC = "http://loinc.org"
 SNOMED = "http://snomed.info/sct"
@@ -149,7 +149,7 @@ AI_DRUGS = {
         ("L02BG06", "exemestane"),
     ),
 }
-# Product codes are what MedicationStatements carry most (CLINICAL.md 3.4): weights per position above.
+# Product codes are what MedicationStatements carry most (docs/clinical-specification.md 3.4): weights per position above.
 AI_CODE_WEIGHTS = {"anastrozole": [60, 15, 10, 15], "letrozole": [65, 15, 20], "exemestane": [65, 15, 20]}
 TAMOXIFEN = [("198240", "tamoxifen 10 MG Oral Tablet"), ("10324", "tamoxifen")]
 BISPHOSPHONATES = [
@@ -233,7 +233,7 @@ SMOKING_ANSWERS = {
     "unknown": ("266927001", "Tobacco smoking consumption unknown"),
 }
 
-# (code, display, unit, low, high, decimals): the panels Synthea draws, and the labs of CLINICAL.md 3.2.
+# (code, display, unit, low, high, decimals): the panels Synthea draws, and the labs of docs/clinical-specification.md 3.2.
 CBC = [
     ("6690-2", "Leukocytes [#/volume] in Blood by Automated count", "10*3/uL", 3.8, 10.8, 1),
     ("789-8", "Erythrocytes [#/volume] in Blood by Automated count", "10*6/uL", 3.9, 5.2, 2),
@@ -363,7 +363,7 @@ class _Patient:
         self.age = age
         self.birth = self.as_of - dt.timedelta(days=int(age * 365.25 + rng.randint(10, 350)))
         self.premenopausal = premenopausal
-        # AI story (CLINICAL.md E1): about half on an AI now, 1 in 12 about to start, 1 in 6 stopped.
+        # AI story (docs/clinical-specification.md E1): about half on an AI now, 1 in 12 about to start, 1 in 6 stopped.
         self.ai = _weighted(rng, {"active": 0.55, "planned": 0.08, "stopped": 0.17, "none": 0.20})
         self.none_kind = _weighted(rng, {"tamoxifen": 0.45, "no-endocrine": 0.30, "eie-only": 0.10, "no-cancer": 0.15})
         self.ingredient = "exemestane" if premenopausal else rng.choices(list(AI_DRUGS), weights=[55, 35, 10])[0]
@@ -840,7 +840,7 @@ class _Patient:
                 value=self.qty(round(rng.uniform(3.4, 4.8), 1), "g/dL"), encounter=enc)
         if rng.random() < 0.35:
             vitd = round(rng.uniform(12.0, 52.0), 1)
-            if rng.random() < 0.12:  # the D3-only trap (CLINICAL.md 3.2)
+            if rng.random() < 0.12:  # the D3-only trap (docs/clinical-specification.md 3.2)
                 obs("1989-3", "25-Hydroxyvitamin D3 [Mass/volume] in Serum or Plasma", when, category="laboratory",
                     value=self.qty(vitd, "ng/mL"), encounter=enc)
             else:

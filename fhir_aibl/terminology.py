@@ -1,11 +1,11 @@
 """Value sets as data: loads `rules/valuesets/*.yaml` and answers code -> concept look-ups.
 
 Every code list the rules depend on lives in a YAML file beside the rules, with
-its source and verification status (V, V2, UNVERIFIED; CLINICAL.md section 3),
+its source and verification status (V, V2, UNVERIFIED; docs/clinical-specification.md section 3),
 so that a terminologist can review and change it without touching Python.
 The file format is described in `rules/valuesets/README.md`.
 
-Matching rules, all of them from the terminology traps of CLINICAL.md section 3:
+Matching rules, all of them from the terminology traps of docs/clinical-specification.md section 3:
 - systems are compared after resolving aliases (`systems.yaml`: the `urn:oid:`
   forms real exports use, `http://hl7.org/fhir/sid/icd-10` beside `-cm`, ...);
 - ICD-10-CM codes are compared without dots and in upper case (VSAC stores

@@ -42,3 +42,14 @@ def test_hand_written_documents_cite_nothing_outside_the_repository():
             continue
         text = path.read_text(encoding="utf-8")
         assert "CLINICAL.md" not in text and "DESIGN.md" not in text, path.relative_to(ROOT)
+
+
+def test_the_clinical_specification_in_the_docs_is_the_current_one():
+    """docs/clinical-specification.md is the specification the rules cite, kept in the repository so
+    that every citation resolves inside it; it must not drift from the one the team maintains
+    (../shared/CLINICAL.md, beside the project where it is available)."""
+    shared = ROOT.parent / "shared" / "CLINICAL.md"
+    if not shared.exists():
+        pytest.skip("../shared/CLINICAL.md is not beside the project")
+    ours = (ROOT / "docs" / "clinical-specification.md").read_text(encoding="utf-8")
+    assert ours == shared.read_text(encoding="utf-8"), "copy ../shared/CLINICAL.md to docs/clinical-specification.md"

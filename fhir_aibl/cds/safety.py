@@ -1,6 +1,6 @@
 """Safety blocks: what the assessment blocks, as drugs the cards can recognise (`safety.yaml`).
 
-The rules decide what is contraindicated: the stage-7 gates of `rules/aibl.yaml` (CLINICAL.md
+The rules decide what is contraindicated: the stage-7 gates of `rules/aibl.yaml` (docs/clinical-specification.md
 K1) emit `blocked` findings naming an agent (`alendronate`, `zoledronic-acid-5mg`,
 `all-antiresorptives`, ...) with the rules and evidence behind them. This module only
 translates those agent names into drugs (`agents:` in the table: classes, ingredients or exact

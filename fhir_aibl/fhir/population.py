@@ -24,7 +24,7 @@ patients another way: `group_members` (`--group ID`, the members of a FHIR Group
 oncology registry the EHR maintains) or `read_patients_file` (`--patients-file FILE`, one
 id per line). `--all` on such a server stops with a message naming them.
 
-Statuses (CLINICAL.md section 0: `active` includes `on-hold`; `planned` is intended or
+Statuses (docs/clinical-specification.md section 0: `active` includes `on-hold`; `planned` is intended or
 ordered, not started): MedicationStatement active, on-hold, intended; MedicationRequest
 active, on-hold, draft (an active request whose intent is a proposal or plan is an
 intended one and is already covered by `active`).
