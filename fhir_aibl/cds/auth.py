@@ -9,9 +9,11 @@ before the token is accepted).
 2. `alg` is one of the configured asymmetric algorithms (RS*, ES*, PS*). `none` and HMAC
    never are: with HMAC, whoever can verify can also forge.
 3. `iss` is a configured issuer (exact match).
-4. `jku`, when the header has one, is one of that issuer's configured JWKS URLs; otherwise
-   the issuer's first URL or its `jwks_file` is used. The URL in a token is never fetched
-   unless it is on the allowlist: a token naming its own key server would verify itself.
+4. The key set: the token's `jku` when it is one of that issuer's configured JWKS URLs;
+   otherwise the issuer's `jwks_file` (keys pinned in the configuration) when it has one,
+   whatever `jku` the token announces; otherwise, without a `jku`, the issuer's first URL.
+   A `jku` that is not on the allowlist is never fetched (a token naming its own key server
+   would verify itself): with no pinned keys, such a token is refused.
 5. The key: found by `kid` in the key set (fetched with requests, cached for
    `jwks_cache_seconds`; an unknown `kid` triggers one re-fetch per `jwks_refetch_seconds`,
    for key rotation). Only RSA and EC public keys are used, and a key's own `alg`, if it
@@ -216,12 +218,15 @@ class JwtVerifier:
         return claims
 
     def _key_source(self, issuer: Issuer, jku: Any) -> str:
-        if jku is not None:
-            if not isinstance(jku, str) or jku.rstrip("/") not in issuer.jku:
-                raise UnauthorizedError("the jku is not on this issuer's allowlist")
+        if jku is not None and isinstance(jku, str) and jku.rstrip("/") in issuer.jku:
             return jku.rstrip("/")
         if issuer.jwks_file is not None:
+            # Keys pinned in the configuration verify the token whatever `jku` it announces
+            # (many EHRs, the CDS Hooks sandbox among them, always send one): that URL is then
+            # neither fetched nor trusted.
             return f"file:{issuer.jwks_file}"
+        if jku is not None:
+            raise UnauthorizedError("the jku is not on this issuer's allowlist")
         return issuer.jku[0]
 
     def _key(self, source: str, kid: Any, alg: str):

@@ -58,8 +58,9 @@ class Issuer(_Model):
     )
     jwks_file: Path | None = Field(
         default=None,
-        description="a JWK Set file with the issuer's public keys, for EHRs that register keys out of band "
-        "(used when the token has no `jku`, or when no `jku` URL is configured)",
+        description="a JWK Set file with the issuer's public keys, for EHRs that register keys out of band. "
+        "It verifies every token of this issuer whose `jku` is not one of the `jku` URLs above, whatever `jku` "
+        "the token announces (that URL is then neither fetched nor trusted)",
     )
 
     @field_validator("jku")
