@@ -15,7 +15,7 @@ from joserfc.jwk import ECKey, OctKey, RSAKey
 from fhir_aibl.cds.auth import JwtVerifier
 from fhir_aibl.cds.errors import UnauthorizedError
 from fhir_aibl.cds.samples import patient_view_request
-from fhir_aibl.cds.settings import JwtSettings
+from fhir_aibl.cds.settings import JwtSettings, SettingsError
 
 from .conftest import BASE, EHR_ISS, EHR_JKU, PV, Signer, bundle, cds_data
 
@@ -299,11 +299,23 @@ def test_a_pinned_jwks_file_needs_no_fetch(make_app, signer, tmp_path, request_v
     assert response.status_code == 200, response.text
 
 
-def test_without_public_base_url_the_aud_is_the_request_url(make_app, signer, jwks_server, request_v06):
-    harness = make_app(allow_unsigned=False, jwt=signer.issuer_settings())
-    ok = harness.hook(PV, request_v06, signer.bearer(f"http://testserver/cds-services/{PV}"))
-    assert ok.status_code == 200
-    assert harness.hook(PV, request_v06, signer.bearer(AUD)).status_code == 401
+def test_verifying_jwts_without_public_base_url_refuses_to_start(make_app, signer):
+    """The audience comes from the configuration only: without public_base_url the service
+    does not start (and says how to set it), rather than take it from the request's Host."""
+    with pytest.raises(SettingsError) as caught:
+        make_app(allow_unsigned=False, jwt=signer.issuer_settings())
+    assert "public_base_url" in str(caught.value) and "FHIR_AIBL_PUBLIC_BASE_URL" in str(caught.value)
+    make_app(allow_unsigned=True).cds.close()  # nothing is verified: nothing to compare aud with
+
+
+def test_a_token_for_another_service_is_refused_whatever_host_and_forwarded_headers_say(secured, signer, request_v06):
+    """A trusted EHR's token for another CDS service, replayed here with that service's Host and
+    X-Forwarded-* headers, names the other service in its aud: refused."""
+    other = "https://other-cds.example.net"
+    spoofed = {"Host": "other-cds.example.net", "X-Forwarded-Proto": "https", "X-Forwarded-Host": "other-cds.example.net"}
+    response = secured.hook(PV, request_v06, {**signer.bearer(f"{other}/cds-services/{PV}"), **spoofed})
+    assert response.status_code == 401 and "audience" in reason(response)
+    assert secured.hook(PV, request_v06, {**signer.bearer(AUD), **spoofed}).status_code == 200
 
 
 def test_unsigned_mode_says_so_loudly(make_app, request_v06, caplog):
