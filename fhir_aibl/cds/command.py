@@ -45,6 +45,9 @@ log = logging.getLogger("fhir_aibl.cds")
 #: The validated settings, as JSON, handed from `serve` to its worker processes.
 WORKER_SETTINGS_ENV = "_FHIR_AIBL_SERVE_SETTINGS"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+#: How long the supervisor waits for a worker's answer to its health ping, and for a new worker
+#: (SIGHUP) to have loaded the rules and be serving.
+WORKER_HEALTHCHECK_SECONDS = 60
 
 
 def _env(name: str, default: str) -> str:
@@ -185,7 +188,15 @@ def run(args: argparse.Namespace, *, serve=None) -> int:
             app.state.cds.close()  # each worker opens its own
             os.environ[WORKER_SETTINGS_ENV] = settings.model_dump_json()
             metrics_dir = _metrics_dir()
-            serve("fhir_aibl.cds.command:worker_app", factory=True, workers=args.workers, **options)
+            # A worker loading the rules (or busy) may take more than uvicorn's 5 s to answer the
+            # supervisor's ping: it would be killed as hung, and a SIGHUP upgrade aborted.
+            serve(
+                "fhir_aibl.cds.command:worker_app",
+                factory=True,
+                workers=args.workers,
+                timeout_worker_healthcheck=WORKER_HEALTHCHECK_SECONDS,
+                **options,
+            )
     except OSError as exc:  # the port is in use, the address is not ours
         print(f"fatal: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 2
