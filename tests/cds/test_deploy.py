@@ -3,6 +3,7 @@ every environment variable of `serve` and the endpoints the proxy example routes
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -11,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from pydantic import BaseModel
+
 from fhir_aibl.cds import metrics
+from fhir_aibl.cds.settings import Settings, environment_settings
 
 from ..conftest import ROOT
 
@@ -60,3 +64,30 @@ def test_the_proxy_example_routes_what_the_service_serves():
     assert "client_max_body_size 5m" in conf  # = the default max_request_bytes
     assert re.search(r"location = /metrics \{\s*deny all;", conf)
     assert "deploy/nginx-fhir-aibl.conf" in GUIDE.read_text() and "deploy/fhir-aibl-cds@.service" in GUIDE.read_text()
+
+
+def _leaves(model: type[BaseModel], prefix: str = ""):
+    for name, field in model.model_fields.items():
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel) and name in ("jwt", "fhir", "feedback"):
+            yield from _leaves(sub, f"{prefix}{name}.")
+        else:
+            yield prefix + name
+
+
+def test_the_guide_lists_every_setting_with_the_variable_that_sets_it():
+    text = GUIDE.read_text()
+    defaults = Settings().model_dump(mode="json")
+    for name in _leaves(Settings):
+        variable = "FHIR_AIBL_" + name.upper().replace(".", "__")
+        assert f"| `{name}` | `{variable}` |" in text, name
+        value = defaults
+        for part in name.split("."):
+            value = value[part]
+        if value is None:
+            continue
+        raw = value if isinstance(value, str) else json.dumps(value)
+        read = environment_settings({variable: raw})
+        for part in name.split("."):
+            read = read[part]
+        assert read is not None, variable
