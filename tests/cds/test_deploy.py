@@ -91,3 +91,38 @@ def test_the_guide_lists_every_setting_with_the_variable_that_sets_it():
         for part in name.split("."):
             read = read[part]
         assert read is not None, variable
+
+
+def test_the_nginx_example_passes_nginx_t(tmp_path):
+    """`nginx -t` on the example, with a self-signed certificate in place of the hospital's."""
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if nginx is None:
+        pytest.skip("nginx is not installed on this machine")
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cds.hospital.example.org")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    conf = (DEPLOY / "nginx-fhir-aibl.conf").read_text()
+    conf = conf.replace("/etc/ssl/certs/cds.hospital.example.org.pem", str(tmp_path / "cert.pem"))
+    conf = conf.replace("/etc/ssl/private/cds.hospital.example.org.key", str(tmp_path / "key.pem"))
+    (tmp_path / "site.conf").write_text(conf)
+    (tmp_path / "nginx.conf").write_text(
+        f"pid {tmp_path / 'nginx.pid'};\nerror_log stderr;\nevents {{}}\nhttp {{\n  access_log off;\n  include {tmp_path / 'site.conf'};\n}}\n"
+    )
+    done = subprocess.run([nginx, "-t", "-q", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
