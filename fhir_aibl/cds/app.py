@@ -3,6 +3,8 @@
     GET  /cds-services                 discovery: aibl-patient-view, aibl-order-select
     POST /cds-services/{id}            a hook call -> {"cards": [...]}
     POST /cds-services/{id}/feedback   feedback on cards (stored in SQLite; drives suppression)
+    GET  /health/live, /health/ready   liveness; readiness (rules, database, JWKS)
+    GET  /metrics                      Prometheus metrics (metrics.py)
 
 One hook call, in order (each step's failure is the HTTP status beside it, with an
 OperationOutcome body naming the reason):
@@ -138,7 +140,7 @@ class CdsService:
         self.replay = SqliteReplayCache(settings.database_path, self.clock)
         self.verifier = JwtVerifier(settings.jwt, self.clock, replay=self.replay)
         info = self.assessor.ruleset_info
-        self.ruleset = f"{info.name}"
+        self.ruleset = info.name
         metrics.RULESET.labels(info.name, info.version).set(1)
         self.assess_pool = ThreadPoolExecutor(settings.assess_workers, thread_name_prefix="cds-assess")
         self.fetch_pool = ThreadPoolExecutor(settings.fetch_workers, thread_name_prefix="cds-fetch")
@@ -233,7 +235,7 @@ class CdsService:
     async def read_json(self, request: Request) -> Any:
         content_type = request.headers.get("content-type")
         if not _is_json(content_type):
-            said = f"Content-Type {content_type.split(';')[0].strip()!r}" if content_type else "no Content-Type"
+            said = f"Content-Type {content_type.split(';')[0].strip()[:60]!r}" if content_type else "no Content-Type"
             raise UnsupportedMediaTypeError(f"the request body must be JSON (Content-Type: application/json); it has {said}")
         limit = self.settings.max_request_bytes
         length = request.headers.get("content-length")
