@@ -51,7 +51,8 @@ WORKER_HEALTHCHECK_SECONDS = 60
 
 
 def _env(name: str, default: str) -> str:
-    return os.environ.get(ENV_PREFIX + name, default)
+    """FHIR_AIBL_<name>, or `default` when unset or empty."""
+    return os.environ.get(ENV_PREFIX + name) or default
 
 
 def default_workers() -> int:

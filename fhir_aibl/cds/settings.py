@@ -321,10 +321,15 @@ ENV_PREFIX = "FHIR_AIBL_"
 def environment_settings(environ: dict[str, str] | None = None) -> dict:
     """The settings given as FHIR_AIBL_... environment variables (nested: `__`), unvalidated."""
     source = EnvSettingsSource(
-        Settings, env_prefix=ENV_PREFIX, env_nested_delimiter="__", case_sensitive=False, env_parse_none_str="null"
+        Settings,
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        case_sensitive=False,
+        env_parse_none_str="null",
+        env_ignore_empty=True,  # `FHIR_AIBL_X=` (as env files often have) means unset
     )
     if environ is not None:
-        source.env_vars = {k.lower(): v for k, v in environ.items()}
+        source.env_vars = {k.lower(): v for k, v in environ.items() if v != ""}
     try:
         return source()
     except Exception as exc:  # pydantic-settings' SettingsError: a value that should be JSON is not

@@ -202,12 +202,13 @@ def test_every_setting_can_come_from_the_environment(tmp_path):
         "FHIR_AIBL_STATE_DIR": str(tmp_path / "state"),
         "FHIR_AIBL_ALLOW_UNSIGNED": "false",
         "FHIR_AIBL_PORT": "9000",  # a flag of the command, not a setting: ignored here
+        "FHIR_AIBL_SOURCE_URL": "",  # empty, as env files often have it: unset
         "UNRELATED": "x",
     }
     s = load_settings(config, environ=environ)
     assert s.public_base_url == "https://env.example.org"  # the environment wins over the file
     assert s.jwt.clock_skew_seconds == 30 and s.jwt.max_lifetime_seconds == 600  # nested values merge
-    assert s.cors_origins == ["https://ehr.example.org"]
+    assert s.cors_origins == ["https://ehr.example.org"] and s.source_url is None
     assert s.database_path == tmp_path / "state" / "cds.sqlite3"
     assert load_settings(config, environ=environ, allow_unsigned=True).allow_unsigned is True  # overrides win
     assert load_settings(config, environ=environ, use_environment=False).public_base_url == "https://file.example.org"
