@@ -16,7 +16,7 @@ import responses
 from fhir_aibl.cds.logs import JsonFormatter
 from fhir_aibl.cds.replay import SqliteReplayCache
 from fhir_aibl.cds.samples import patient_view_request
-from fhir_aibl.cds.settings import Settings, SettingsError, environment_settings, load_settings
+from fhir_aibl.cds.settings import Settings, SettingsError, load_settings
 
 from .conftest import BASE, EHR_JKU, PV, bundle
 

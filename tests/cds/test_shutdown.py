@@ -10,20 +10,16 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import pytest
 
 from fhir_aibl.cds.samples import patient_view_request
 
 from .conftest import AS_OF, PV, bundle
-from .test_workers import _free_port
+from .serving import free_port, start, wait_ready
 
 
 class _SlowFhir(BaseHTTPRequestHandler):
@@ -48,31 +44,12 @@ def test_sigterm_lets_the_call_in_progress_finish_then_exits_0(tmp_path):
     fhir = ThreadingHTTPServer(("127.0.0.1", 0), _SlowFhir)
     threading.Thread(target=fhir.serve_forever, daemon=True).start()
     fhir_base = f"http://127.0.0.1:{fhir.server_address[1]}/fhir"
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "cds.yaml"
     config.write_text(f"as_of: {AS_OF}\nstate_dir: state\nfhir: {{allowlist: ['{fhir_base}']}}\n")
-    log = tmp_path / "serve.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FHIR_AIBL_", "PROMETHEUS_MULTIPROC_DIR"))}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fhir_aibl.cds.command", "--port", str(port), "--config", str(config), "--workers", "2", "--allow-unsigned", "--graceful-timeout", "20"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("wb"),
-    )
+    proc, log = start(tmp_path, config, port, "--workers", "2", "--allow-unsigned", "--graceful-timeout", "20")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                conn.request("GET", "/health/ready")
-                if conn.getresponse().status == 200:
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the service did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.3)
+        wait_ready(proc, port, log)
         request = patient_view_request(bundle("V06"))
         del request["prefetch"]["conditions"]
         request["fhirServer"] = fhir_base

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -19,7 +17,7 @@ from fhir_aibl.cds.samples import patient_view_request
 
 from ..conftest import ROOT
 from .conftest import AS_OF, PV, bundle
-from .test_workers import _free_port
+from .serving import free_port, start, wait_ready
 
 DEADLINE_SECONDS = 240
 
@@ -37,18 +35,10 @@ def _call(port: int, method: str, path: str, body: bytes | None = None) -> tuple
 def test_sighup_upgrades_the_rules_worker_by_worker_and_refuses_rules_that_do_not_load(tmp_path):
     rules = tmp_path / "rules"
     shutil.copytree(ROOT / "rules", rules)
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "cds.yaml"
     config.write_text(f"as_of: {AS_OF}\nrules: rules/aibl.yaml\nstate_dir: state\n")
-    log = tmp_path / "serve.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FHIR_AIBL_", "PROMETHEUS_MULTIPROC_DIR"))}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fhir_aibl.cds.command", "--port", str(port), "--config", str(config), "--workers", "2", "--allow-unsigned"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("wb"),
-    )
+    proc, log = start(tmp_path, config, port, "--workers", "2", "--allow-unsigned")
     body = json.dumps(patient_view_request(bundle("V06"))).encode()
     answers: list[int] = []
 
@@ -68,13 +58,7 @@ def test_sighup_upgrades_the_rules_worker_by_worker_and_refuses_rules_that_do_no
             time.sleep(0.05)
 
     try:
-        def ready() -> bool:
-            try:
-                return _call(port, "GET", "/health/ready")[0] == 200
-            except OSError:
-                return False
-
-        until(ready, "startup")
+        wait_ready(proc, port, log)
         old_ruleset, _ = hook()
         old_pids = {hook()[1] for _ in range(40)}
 

@@ -12,13 +12,9 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import re
 import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,17 +23,8 @@ import pytest
 
 from fhir_aibl.cds.samples import draft_medication_request, order_select_request, patient_view_request
 
-from ..conftest import ROOT
 from .conftest import AS_OF, BUNDLES, OS, PV, bundle
-
-STARTUP_SECONDS = 120
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
+from .serving import free_port, start, wait_ready
 
 @dataclass
 class Answer:
@@ -102,29 +89,10 @@ class Served:
         return worker
 
 
-def _wait_ready(served: Served) -> None:
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while True:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=5)
-            conn.request("GET", "/health/ready")
-            if conn.getresponse().status == 200:
-                conn.close()
-                return
-            conn.close()
-        except OSError:
-            pass
-        if served.proc.poll() is not None or time.monotonic() > deadline:
-            served.proc.kill()
-            served.proc.wait()
-            pytest.fail(f"the service did not become ready: {served.log.read_text()[-3000:]}")
-        time.sleep(0.3)
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, signer) -> Iterator[Served]:
     tmp = tmp_path_factory.mktemp("workers")
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     (tmp / "ehr-jwks.json").write_text(json.dumps(signer.jwks))
     config = tmp / "cds.yaml"
@@ -135,18 +103,10 @@ def served(tmp_path_factory, signer) -> Iterator[Served]:
         f"  issuers: [{{iss: '{signer.iss}', jwks_file: ehr-jwks.json}}]\n"
         f"state_dir: {tmp / 'state'}\n"
     )
-    log = tmp / "serve.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FHIR_AIBL_", "PROMETHEUS_MULTIPROC_DIR"))}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fhir_aibl.cds.command", "--port", str(port), "--config", str(config), "--workers", "2", "--log-format", "json", "--log-level", "info"],
-        cwd=tmp,  # not the project: the database must go to the state directory
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("wb"),  # a file, not a pipe: a pipe nobody reads would fill and block the service
-    )
+    proc, log = start(tmp, config, port, "--workers", "2", "--log-format", "json", "--log-level", "info")
     served = Served(proc, port, base, log)
     try:
-        _wait_ready(served)
+        wait_ready(proc, port, log)
         by_pid: dict[int, Worker] = {}
         for _ in range(200):
             worker = served.connect()
