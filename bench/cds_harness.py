@@ -2,11 +2,15 @@
 
 What runs, on this machine's loopback only:
 - the service as it is deployed: `python -m fhir_aibl.cds.command` (the `fhir-aibl serve`
-  command: uvicorn, one process) with a settings file that trusts one issuer whose public
-  key is a JWKS file made here (ES384), and `as_of` fixed at 2026-06-01;
+  command: uvicorn, `--workers N` worker processes behind one port) with a settings file
+  that trusts one issuer whose public key is a JWKS file made here (ES384), and `as_of`
+  fixed at 2026-06-01;
 - the load: bench/cds_load.py in a process of its own, signing one JWT per request;
-- on a machine with two or more CPUs, the service is pinned to one CPU and the load
-  generator to another, so that the generator's work never lands on the service's core.
+- with one worker on a machine with two or more CPUs, the service is pinned to one CPU and
+  the load generator to another, so that the generator's work never lands on the service's
+  core; with several workers the service may use every CPU and the generator shares them
+  (on a 2-core machine its work then counts against the service's latency);
+- the service's CPU is that of its whole process tree (the supervisor and every worker).
 
 The request is the patient-view hook with every prefetch key filled
 (`fhir_aibl.cds.patient_view_request`) for the synthetic patient (fhir_aibl/synth.py)
@@ -55,12 +59,17 @@ def _pinned(cpus: set[int] | None):
 
 
 def _process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far (Linux /proc; 0.0 elsewhere)."""
+    """User + system CPU seconds so far of a process and its live descendants (Linux /proc; 0.0 elsewhere)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:  # pragma: no cover - not Linux
+    except OSError:  # pragma: no cover - not Linux, or gone
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    try:
+        children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:  # pragma: no cover
+        children = []
+    return own + sum(_process_cpu_seconds(c) for c in children)
 
 
 def sample_request() -> tuple[dict, int, str]:
@@ -85,10 +94,10 @@ def sample_request() -> tuple[dict, int, str]:
     return best
 
 
-def measure(*, rates: list[int], seconds: float, warmup: float, log=print) -> dict:
+def measure(*, rates: list[int], seconds: float, warmup: float, workers: int = 1, log=print) -> dict:
     from joserfc.jwk import ECKey
 
-    service_cpus, load_cpus = _cpu_split()
+    service_cpus, load_cpus = _cpu_split() if workers == 1 else (None, None)
     with tempfile.TemporaryDirectory(prefix="fhir-aibl-cds-bench-") as tmp:
         tmpdir = Path(tmp)
         key = ECKey.generate_key("P-384", parameters={"kid": "bench-es384"}, private=True)
@@ -109,14 +118,14 @@ def measure(*, rates: list[int], seconds: float, warmup: float, log=print) -> di
         server_log = (tmpdir / "server.log").open("w")
         server = subprocess.Popen(
             [sys.executable, "-m", "fhir_aibl.cds.command", "--host", "127.0.0.1", "--port", str(port),
-             "--config", str(tmpdir / "settings.json"), "--log-level", "warning"],
+             "--config", str(tmpdir / "settings.json"), "--log-level", "warning", "--workers", str(workers)],
             cwd=ROOT, stdout=server_log, stderr=subprocess.STDOUT, preexec_fn=_pinned(service_cpus),
         )
         try:
             deadline = time.monotonic() + 60
             while True:
                 try:
-                    if requests.get(f"{base}/cds-services", timeout=2).status_code == 200:
+                    if requests.get(f"{base}/health/ready", timeout=2).status_code == 200:
                         break
                 except requests.RequestException:
                     pass
@@ -124,7 +133,7 @@ def measure(*, rates: list[int], seconds: float, warmup: float, log=print) -> di
                     server_log.flush()
                     raise RuntimeError(f"the CDS service did not start: {(tmpdir / 'server.log').read_text()[-600:]}")
                 time.sleep(0.2)
-            log(f"cds: service up on {base}; prefetch of {prefetch_resources} resources; rates {rates} x {seconds}s")
+            log(f"cds: service up on {base} ({workers} worker(s)); prefetch of {prefetch_resources} resources; rates {rates} x {seconds}s")
             cpu_before = _process_cpu_seconds(server.pid)
             proc = subprocess.run(
                 [sys.executable, str(BENCH / "cds_load.py"), "--url", url, "--request", str(tmpdir / "request.json"),
@@ -159,6 +168,7 @@ def measure(*, rates: list[int], seconds: float, warmup: float, log=print) -> di
     return {
         "status": "ok",
         "hook": "patient-view",
+        "workers": workers,
         "prefetch_resources": prefetch_resources,
         "check": {"status": check.status_code, "cards": cards},
         # the service process's own CPU (user + system) over every request of the load, warm-ups included

@@ -45,9 +45,11 @@ def test_quick_bench_writes_every_section(tmp_path):
     assert run["parse_floor"]["lines"] > 0 and run["resources"] >= run["parse_floor"]["lines"]
     assert drift["status"] == "ok" and drift["evaluations"] == 10_000 and "drift_mb" in drift
     if sections["cds"]["status"] == "ok":
-        assert [r["rate"] for r in sections["cds"]["rates"]] == [50, 100, 200]
-        assert all({"p50_ms", "p99_ms", "max_ms", "errors"} <= set(r) for r in sections["cds"]["rates"])
-        assert sections["cds"]["check"]["status"] == 200
+        assert [r["rate"] for r in sections["cds"]["rates"]] == [100, 200]
+        assert [run["workers"] for run in sections["cds"]["by_workers"]] == [1, 2]
+        for run in sections["cds"]["by_workers"]:
+            assert all({"p50_ms", "p99_ms", "max_ms", "errors"} <= set(r) for r in run["rates"])
+            assert run["check"]["status"] == 200 and run["service_cpu_ms_per_request"] > 0
     if sections["connector"]["status"] == "ok":
         assert sections["connector"]["pull"]["round_trips_per_patient"] >= 1
         assert sections["connector"]["writeback"]["second_run"]["written"] == 0  # idempotent

@@ -38,7 +38,9 @@ def stack(tmp_path_factory, assessor):
             with serve(ehr.app) as ehr_base:
                 ehr.base = ehr_base
                 settings = settings_for_tests(
-                    tmp_path_factory.mktemp("smart-app"), as_of=AS_OF, fhir={"allowlist": [ehr.iss], "budget_seconds": 20.0}, request_deadline_seconds=30
+                    tmp_path_factory.mktemp("smart-app"), as_of=AS_OF, fhir={"allowlist": [ehr.iss], "budget_seconds": 20.0}, request_deadline_seconds=30,
+                    # the app's redirect URL follows the request; no CDS hook (no JWT) is called here
+                    allow_unsigned=True,
                 )
                 app = create_app(settings, assessor=assessor)
                 with serve(app) as app_base:

@@ -3,14 +3,17 @@
     GET  /cds-services                 discovery: aibl-patient-view, aibl-order-select
     POST /cds-services/{id}            a hook call -> {"cards": [...]}
     POST /cds-services/{id}/feedback   feedback on cards (stored in SQLite; drives suppression)
+    GET  /health/live, /health/ready   liveness; readiness (rules, database, JWKS)
+    GET  /metrics                      Prometheus metrics (metrics.py)
 
 One hook call, in order (each step's failure is the HTTP status beside it, with an
 OperationOutcome body naming the reason):
 
 1. the service id (404); admission: at most `assess_workers + max_queued` calls in
    progress, beyond that 503 before anything else is spent on the call;
-2. the JWT (401; before the body is read), the body size (413), JSON and the CDS Hooks
-   request shape for this hook (400);
+2. the JWT (401; before the body is read; its audience is `public_base_url`, from the
+   configuration only), a JSON Content-Type (415), the body size (413), JSON and the CDS
+   Hooks request shape for this hook (400);
 3. order-select: nothing to do (empty cards) unless `draftOrders` holds a MedicationRequest
    for an aromatase inhibitor or an antiresorptive;
 4. prefetch sorted into resources and missing keys (worker thread); missing and incomplete
@@ -34,6 +37,7 @@ import asyncio
 import datetime as dt
 import gc
 import logging
+import os
 import time
 import traceback
 from collections.abc import Callable
@@ -54,6 +58,7 @@ from ..errors import AiblError
 from ..references import MEDICATION_USE_TYPES, MedicationIndex, medication_reference
 from ..jsoninput import JsonInputError, NotJsonError
 from ..jsoninput import loads as json_loads
+from . import metrics
 from .auth import JwtVerifier
 from . import about
 from .cards import CardBuilder, IssuedCard, fill_service_urls
@@ -64,15 +69,18 @@ from .errors import (
     DeadlineExceededError,
     PayloadTooLargeError,
     PrefetchUnavailableError,
+    UnauthorizedError,
     UnknownCardError,
     UnknownServiceError,
+    UnsupportedMediaTypeError,
 )
 from .feedback import FeedbackItem, FeedbackStore
 from .fhirfetch import Fetcher
-from .prefetch import ID_RE, PATIENT_TOKEN, bundle_resources, collect, default_templates, for_patient, render, template_type
+from .prefetch import ID_RE, PATIENT_TOKEN, bundle_resources, collect, OPTIONAL_KEYS, default_templates, for_patient, render, template_type
 from .protocol import HookRequest, parse_feedback, parse_hook_request
+from .replay import SqliteReplayCache
 from .safety import ANTIRESORPTIVE_CLASSES, load_safety_table, medication_concepts
-from .settings import Settings
+from .settings import Settings, SettingsError
 from .validation import select_and_validate
 from ..view.routes import router as view_router
 
@@ -110,6 +118,13 @@ class CdsService:
     """Everything one process shares between requests: settings, the Assessor, pools, stores."""
 
     def __init__(self, settings: Settings, *, assessor: Assessor | None = None, clock: Callable[[], float] | None = None):
+        if settings.public_base_url is None and not settings.allow_unsigned:
+            raise SettingsError(
+                "public_base_url is not set: a JWT's audience (aud) must be {public_base_url}/cds-services/{id}, the "
+                "URL the EHRs call, and it is taken from the configuration only, never from a request's headers. "
+                "Set it in the configuration file (public_base_url: https://cds.example.org) or with the "
+                "environment variable FHIR_AIBL_PUBLIC_BASE_URL"
+            )
         self.settings = settings
         self.clock = clock or time.time
         self.assessor = assessor if assessor is not None else Assessor(settings.rules)
@@ -120,15 +135,21 @@ class CdsService:
             if PATIENT_TOKEN not in template or template_type(template) is None:
                 raise AiblError(f"prefetch template {key!r} must start with a resource type and use {PATIENT_TOKEN}")
         self.cards = CardBuilder(settings, self.catalogue, self.safety, self.assessor.terminology, self.assessor.rulebook)
-        self.verifier = JwtVerifier(settings.jwt, self.clock)
         self.fetcher = Fetcher(settings.fhir)
         self.store = FeedbackStore(
-            settings.feedback.database,
+            settings.database_path,
             suppression_days=settings.feedback.suppression_days,
             scope=settings.feedback.suppression_scope,
             retention_days=settings.feedback.retention_days,
             clock=self.clock,
         )
+        # The replay cache lives in the same database as the feedback: every worker process
+        # of `serve --workers N` sees every token any of them accepted.
+        self.replay = SqliteReplayCache(settings.database_path, self.clock)
+        self.verifier = JwtVerifier(settings.jwt, self.clock, replay=self.replay)
+        info = self.assessor.ruleset_info
+        self.ruleset = info.name
+        metrics.RULESET.labels(info.name, info.version).set(1)
         self.assess_pool = ThreadPoolExecutor(settings.assess_workers, thread_name_prefix="cds-assess")
         self.fetch_pool = ThreadPoolExecutor(settings.fetch_workers, thread_name_prefix="cds-fetch")
         self.in_flight = 0
@@ -170,6 +191,26 @@ class CdsService:
         self.assess_pool.shutdown(wait=False, cancel_futures=True)
         self.fetch_pool.shutdown(wait=False, cancel_futures=True)
         self.store.close()
+        self.replay.close()
+
+    # -- operations -----------------------------------------------------------------------
+    def readiness(self) -> tuple[bool, dict]:
+        """Ready: rules loaded, the database writable, every issuer's keys cached or reachable."""
+        checks: dict[str, Any] = {"rules": self.ruleset}
+        ready = True
+        try:
+            self.store.check_writable()
+            checks["database"] = "writable"
+        except Exception as exc:  # noqa: BLE001 - any failure to write means not ready
+            checks["database"] = f"not writable ({type(exc).__name__})"
+            ready = False
+        if self.settings.allow_unsigned:
+            checks["jwks"] = "not used (allow_unsigned)"
+        else:
+            available = self.verifier.keys_available()
+            checks["jwks"] = {iss: "available" if ok else "unreachable and not cached" for iss, ok in available.items()}
+            ready = ready and all(available.values())
+        return ready, checks
 
     # -- helpers --------------------------------------------------------------------------
     def today(self) -> dt.date:
@@ -181,9 +222,10 @@ class CdsService:
             raise UnknownServiceError(f"no CDS service {service_id!r} here; GET /cds-services lists them")
         return service
 
-    def endpoint(self, request: Request, service_id: str) -> str:
-        base = self.settings.public_base_url or str(request.base_url).rstrip("/")
-        return f"{base}/cds-services/{service_id}"
+    def endpoint(self, service_id: str) -> str:
+        """The URL a JWT's aud must name: from the configuration only (a Host or X-Forwarded-*
+        header chosen by the caller must never decide which tokens are ours)."""
+        return f"{self.settings.public_base_url}/cds-services/{service_id}"
 
     async def authenticate(self, request: Request, audiences: list[str]) -> None:
         if self.settings.allow_unsigned:
@@ -192,9 +234,17 @@ class CdsService:
         header = request.headers.get("authorization")
         loop = asyncio.get_running_loop()
         # The JWKS may need fetching: not on the event loop.
-        await loop.run_in_executor(self.fetch_pool, self.verifier.verify, header, audiences)
+        try:
+            await loop.run_in_executor(self.fetch_pool, self.verifier.verify, header, audiences)
+        except UnauthorizedError as exc:
+            metrics.JWT_REJECTIONS.labels(getattr(exc, "reason", "other")).inc()
+            raise
 
     async def read_json(self, request: Request) -> Any:
+        content_type = request.headers.get("content-type")
+        if not _is_json(content_type):
+            said = f"Content-Type {content_type.split(';')[0].strip()[:60]!r}" if content_type else "no Content-Type"
+            raise UnsupportedMediaTypeError(f"the request body must be JSON (Content-Type: application/json); it has {said}")
         limit = self.settings.max_request_bytes
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > limit:
@@ -240,10 +290,12 @@ class CdsService:
         # calls it accepted keep the CPU and shed calls are cheap (bench/ "cds" at 200/s).
         capacity = self.settings.assess_workers + self.settings.max_queued
         if self.in_flight >= capacity:
+            metrics.ADMISSION_REFUSALS.inc()
             raise BusyError(f"{self.in_flight} requests in progress (assess_workers + max_queued = {capacity}); retry later")
         self.in_flight += 1
+        metrics.IN_FLIGHT.inc()
         try:
-            await self.authenticate(request, [self.endpoint(request, service_id)])
+            await self.authenticate(request, [self.endpoint(service_id)])
             hook_request = parse_hook_request(await self.read_json(request), service.hook)
             drafts: list[dict] = []
             if service.hook == "order-select":
@@ -259,6 +311,7 @@ class CdsService:
                 ) from None
         finally:
             self.in_flight -= 1
+            metrics.IN_FLIGHT.dec()
 
     def _draft_medications(self, req: HookRequest) -> list[dict]:
         """The draft MedicationRequests of order-select this service acts on: AI or antiresorptive."""
@@ -324,11 +377,19 @@ class CdsService:
         return f"Medication?_id={','.join(wanted)}" if wanted else None
 
     async def _fetch(self, req: HookRequest, prepared: _Prepared) -> list[tuple[dict, dict]]:
+        required = sorted(k for k in prepared.jobs if k not in OPTIONAL_KEYS and k != MEDICATION_JOB)
+        if not required and not (req.fhirServer and self.fetcher.allowed(req.fhirServer)):
+            # only refinements are missing (DXA reports and orders, referenced Medications): assess
+            # without them; what they would have said stays a flag or a more cautious advice
+            log.info("prefetch keys %s not given and not fetched: assessed without them", ", ".join(sorted(prepared.jobs)))
+            return []
         keys = ", ".join(sorted(prepared.jobs))
         failed = f" (the EHR's prefetch failed for {', '.join(sorted(prepared.failed))})" if prepared.failed else ""
         if not req.fhirServer:
+            metrics.FALLBACKS.labels("refused").inc()
             raise PrefetchUnavailableError(f"prefetch keys {keys} are missing{failed} and the request has no fhirServer")
         if not self.fetcher.allowed(req.fhirServer):
+            metrics.FALLBACKS.labels("refused").inc()
             raise PrefetchUnavailableError(
                 f"prefetch keys {keys} are missing{failed}, and fhirServer is not on this service's allowlist "
                 "(fhir.allowlist), so the service will not query it"
@@ -343,7 +404,11 @@ class CdsService:
         )
         # A failed Medication look-up does not stop the assessment: what it did not find stays
         # flagged medication-unresolved on the card.
-        errors = [f"{o.key}: {o.error}" for o in outcomes if o.error and o.key != MEDICATION_JOB]
+        errors = [f"{o.key}: {o.error}" for o in outcomes if o.error and o.key != MEDICATION_JOB and o.key not in OPTIONAL_KEYS]
+        for o in outcomes:
+            if o.error and o.key in OPTIONAL_KEYS:
+                log.warning("fallback query %s failed (%s): assessed without it", o.key, o.error)
+        metrics.FALLBACKS.labels("failed" if errors else "fetched").inc()
         if errors:
             raise PrefetchUnavailableError(f"data the assessment needs could not be had from fhirServer ({'; '.join(errors)})")
         return [item for o in outcomes for item in o.resources or []]
@@ -354,10 +419,12 @@ class CdsService:
         resources = filtered.resources
         notes: list[str] = []
         if filtered.other_patient:
+            metrics.DROPPED.labels("other-patient").inc(filtered.other_patient)
             notes.append(f"{filtered.other_patient} prefetched resource(s) about another patient were ignored.")
         if self.settings.validate_resources:
             resources, invalid = select_and_validate(self.assessor.terminology, resources)
             if invalid:
+                metrics.DROPPED.labels("invalid").inc(len(invalid))
                 notes.append(
                     f"{len(invalid)} resource(s) failed FHIR R4 validation and were not used: {', '.join(invalid[:10])}"
                     + (" ..." if len(invalid) > 10 else "")
@@ -400,6 +467,10 @@ class CdsService:
             for c in issued
             if not (c.suppressible and self.store.is_suppressed(service.id, c.kind, assessment.patient, assessment))
         ]
+        if len(shown) < len(issued):
+            for card in issued:
+                if card not in shown:
+                    metrics.SUPPRESSED.labels(card.kind).inc()
         self.store.record_cards(service.id, assessment.patient, assessment, shown)
         if self.settings.log_patient_data:
             log.debug("%s: %s category %s, %d card(s)", service.id, assessment.patient, assessment.category, len(shown))
@@ -408,7 +479,7 @@ class CdsService:
     # -- feedback --------------------------------------------------------------------------
     async def feedback(self, service_id: str, request: Request) -> None:
         self.service(service_id)
-        endpoint = self.endpoint(request, service_id)
+        endpoint = self.endpoint(service_id)
         await self.authenticate(request, [endpoint, f"{endpoint}/feedback"])
         body = parse_feedback(await self.read_json(request))
         loop = asyncio.get_running_loop()
@@ -439,6 +510,16 @@ class CdsService:
                 )
             )
         self.store.add_feedback(service_id, items)
+        for item in items:
+            metrics.FEEDBACK.labels(item.outcome).inc()
+
+
+def _is_json(content_type: str | None) -> bool:
+    """application/json, or a JSON-based type (application/fhir+json), with any parameters."""
+    if not content_type:
+        return False
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
 def _error_response(exc: AiblError, status: int) -> JSONResponse:
@@ -466,8 +547,19 @@ def create_app(
         # process. Left in the collector's view, each full collection walks it again: 35 ms
         # once every few dozen requests, which is the service's p99. Frozen, they are skipped.
         gc.freeze()
+        # Each call parses a prefetch of thousands of JSON containers that reference counting
+        # frees (no cycles): at the default threshold (700 allocations) the collector scans
+        # them dozens of times per call for nothing. Cycles are still collected, in larger
+        # batches (as cli.fewer_collections does for `assess`).
+        saved = gc.get_threshold()
+        gc.set_threshold(20_000, 50, 100)
         yield
+        gc.set_threshold(*saved)
+        # Graceful shutdown (SIGTERM/SIGINT): uvicorn has stopped accepting and let the calls
+        # in progress finish (serve --graceful-timeout); now the pools and the database.
+        log.info("shutting down: closing the worker pools and the database")
         cds.close()
+        metrics.process_exited(os.getpid())
 
     app = FastAPI(
         title="fhir-aibl CDS Hooks service",
@@ -513,23 +605,54 @@ def create_app(
         return _error_response(AiblError("internal error"), 500)
 
     app.include_router(view_router)  # the bone-health view, a SMART on FHIR app (fhir_aibl/view/routes.py)
+    ruleset_header = {"X-FHIR-AIBL-Ruleset": cds.ruleset}
 
     @app.get("/cds-services")
     async def discovery() -> dict:
         return cds.discovery()
 
+    @app.get("/health/live")
+    async def live() -> JSONResponse:
+        """Liveness: the process answers (the pid says which worker)."""
+        return JSONResponse({"status": "alive", "pid": os.getpid()})
+
+    @app.get("/health/ready")
+    async def ready() -> JSONResponse:
+        """Readiness: 200 when rules are loaded, the database writable and the JWKS at hand; else 503."""
+        ok, checks = await asyncio.get_running_loop().run_in_executor(cds.fetch_pool, cds.readiness)
+        body = {"status": "ready" if ok else "not ready", "ruleset": cds.ruleset, "version": __version__, "checks": checks}
+        return JSONResponse(body, status_code=200 if ok else 503, headers=ruleset_header)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        data, content_type = metrics.exposition()
+        return Response(data, media_type=content_type)
+
     @app.post("/cds-services/{service_id}")
     async def hook(service_id: str, request: Request) -> Response:
         started = time.monotonic()
+        known = cds.services.get(service_id)
+        status = 500
         try:
             answer = await cds.hook(service_id, request)
+            status = 200
+        except CdsError as exc:
+            status = exc.status
+            raise
         except AiblError:
             raise
         except Exception as exc:  # noqa: BLE001 - one failed request must not take the details to the log
             return unexpected(request, exc)
+        finally:
+            elapsed = time.monotonic() - started
+            hook_name = known.hook if known else "unknown"
+            metrics.REQUESTS.labels(service_id if known else "unknown", hook_name, str(status)).inc()
+            metrics.LATENCY.labels(hook_name).observe(elapsed)
         fill_service_urls(answer["cards"], str(request.base_url))
-        log.info("%s: %d card(s) in %.1f ms", service_id, len(answer["cards"]), (time.monotonic() - started) * 1000)
-        return Response(orjson.dumps(answer), media_type="application/json")
+        for card in answer["cards"]:
+            metrics.CARDS.labels(known.hook, card.get("indicator", "info")).inc()
+        log.info("%s: %d card(s) in %.1f ms", service_id, len(answer["cards"]), elapsed * 1000)
+        return Response(orjson.dumps(answer), media_type="application/json", headers=ruleset_header)
 
     @app.post("/cds-services/{service_id}/feedback")
     async def feedback(service_id: str, request: Request) -> Response:

@@ -9,9 +9,11 @@ before the token is accepted).
 2. `alg` is one of the configured asymmetric algorithms (RS*, ES*, PS*). `none` and HMAC
    never are: with HMAC, whoever can verify can also forge.
 3. `iss` is a configured issuer (exact match).
-4. `jku`, when the header has one, is one of that issuer's configured JWKS URLs; otherwise
-   the issuer's first URL or its `jwks_file` is used. The URL in a token is never fetched
-   unless it is on the allowlist: a token naming its own key server would verify itself.
+4. The key set: the token's `jku` when it is one of that issuer's configured JWKS URLs;
+   otherwise the issuer's `jwks_file` (keys pinned in the configuration) when it has one,
+   whatever `jku` the token announces; otherwise, without a `jku`, the issuer's first URL.
+   A `jku` that is not on the allowlist is never fetched (a token naming its own key server
+   would verify itself): with no pinned keys, such a token is refused.
 5. The key: found by `kid` in the key set (fetched with requests, cached for
    `jwks_cache_seconds`; an unknown `kid` triggers one re-fetch per `jwks_refetch_seconds`,
    for key rotation). Only RSA and EC public keys are used, and a key's own `alg`, if it
@@ -50,14 +52,22 @@ log = logging.getLogger("fhir_aibl.cds.auth")
 _KEY_TYPES = ("RSA", "EC")
 
 
+def _refused(reason: str, message: str) -> UnauthorizedError:
+    """A 401 whose `reason` (a short fixed word: missing, malformed, algorithm, issuer, jku, jwks,
+    key, signature, audience, claims, expired, iat, lifetime, replay) labels the metrics."""
+    error = UnauthorizedError(message)
+    error.reason = reason
+    return error
+
+
 def _b64json(segment: str, what: str) -> dict:
     try:
         raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
         value = json.loads(raw)
     except (ValueError, TypeError):
-        raise UnauthorizedError(f"malformed token: the {what} is not base64url JSON") from None
+        raise _refused("malformed", f"malformed token: the {what} is not base64url JSON") from None
     if not isinstance(value, dict):
-        raise UnauthorizedError(f"malformed token: the {what} is not a JSON object")
+        raise _refused("malformed", f"malformed token: the {what} is not a JSON object")
     return value
 
 
@@ -93,12 +103,25 @@ class KeyStore:
             self._cache[source] = _CachedKeys(keys, self.clock())
         return keys
 
+    def available(self, source: str) -> bool:
+        with self._lock:
+            cached = self._cache.get(source)
+            if cached is not None and self.clock() - cached.fetched < self.settings.jwks_cache_seconds:
+                return True
+            if self.clock() - self._last_fetch.get(source, float("-inf")) < self.settings.jwks_refetch_seconds:
+                return False  # tried a moment ago and failed: do not hammer the EHR from a probe
+        try:
+            self.keys(source)
+        except UnauthorizedError:
+            return False
+        return True
+
     def _load(self, source: str) -> KeySet:
         if source.startswith("file:"):
             try:
                 data = json.loads(Path(source[5:]).read_text(encoding="utf-8"))
             except (OSError, ValueError) as exc:
-                raise UnauthorizedError(f"the configured JWKS file cannot be read ({type(exc).__name__})") from None
+                raise _refused("jwks", f"the configured JWKS file cannot be read ({type(exc).__name__})") from None
         else:
             data = self._fetch(source)
         return self._key_set(data)
@@ -113,21 +136,21 @@ class KeyStore:
                 headers={"Accept": "application/json"},
             ) as response:
                 if response.status_code != 200:
-                    raise UnauthorizedError(f"the JWKS could not be fetched (HTTP {response.status_code})")
+                    raise _refused("jwks", f"the JWKS could not be fetched (HTTP {response.status_code})")
                 body = response.raw.read(self.settings.jwks_max_bytes + 1, decode_content=True)
         except requests.RequestException as exc:
-            raise UnauthorizedError(f"the JWKS could not be fetched ({type(exc).__name__})") from None
+            raise _refused("jwks", f"the JWKS could not be fetched ({type(exc).__name__})") from None
         if len(body) > self.settings.jwks_max_bytes:
-            raise UnauthorizedError("the JWKS is larger than jwt.jwks_max_bytes")
+            raise _refused("jwks", "the JWKS is larger than jwt.jwks_max_bytes")
         try:
             return json.loads(body)
         except ValueError:
-            raise UnauthorizedError("the JWKS is not JSON") from None
+            raise _refused("jwks", "the JWKS is not JSON") from None
 
     @staticmethod
     def _key_set(data: Any) -> KeySet:
         if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
-            raise UnauthorizedError("the JWKS is not a JWK Set")
+            raise _refused("jwks", "the JWKS is not a JWK Set")
         # Public RSA and EC keys only: an "oct" (symmetric) key in a key set must never
         # verify anything, whatever the token claims.
         usable = [
@@ -138,7 +161,7 @@ class KeyStore:
         try:
             return KeySet.import_key_set({"keys": usable})
         except (JoseError, ValueError, TypeError):
-            raise UnauthorizedError("the JWKS has no usable RSA or EC signing key") from None
+            raise _refused("jwks", "the JWKS has no usable RSA or EC signing key") from None
 
 
 class ReplayCache:
@@ -171,57 +194,71 @@ class ReplayCache:
 
 
 class JwtVerifier:
-    def __init__(self, settings: JwtSettings, clock: Callable[[], float] = time.time):
+    def __init__(self, settings: JwtSettings, clock: Callable[[], float] = time.time, *, replay=None):
+        """`replay`: an object with `check_and_add(iss, jti, exp)`; default: a ReplayCache in this
+        process's memory (the service passes replay.SqliteReplayCache, shared by its workers)."""
         self.settings = settings
         self.clock = clock
         self.issuers: dict[str, Issuer] = {i.iss: i for i in settings.issuers}
         self.keystore = KeyStore(settings, clock)
-        self.replay = ReplayCache(settings.replay_cache_size, clock)
+        self.replay = replay if replay is not None else ReplayCache(settings.replay_cache_size, clock)
+
+    def keys_available(self) -> dict[str, bool]:
+        """For readiness: per issuer, whether its key set is cached or can be had now (fetched at
+        most once per `jwks_refetch_seconds` while it cannot)."""
+        out = {}
+        for issuer in self.issuers.values():
+            source = f"file:{issuer.jwks_file}" if issuer.jwks_file is not None else issuer.jku[0]
+            out[issuer.iss] = self.keystore.available(source)
+        return out
 
     def verify(self, authorization: str | None, audiences: Iterable[str]) -> dict[str, Any]:
         """The token's claims, or UnauthorizedError naming the first check that failed."""
         if not authorization:
-            raise UnauthorizedError("no Authorization header: a signed JWT (Bearer) is required")
+            raise _refused("missing", "no Authorization header: a signed JWT (Bearer) is required")
         scheme, _, token = authorization.partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
-            raise UnauthorizedError("the Authorization header is not a Bearer token")
+            raise _refused("missing", "the Authorization header is not a Bearer token")
         parts = token.split(".")
         if len(parts) != 3:
-            raise UnauthorizedError("malformed token: not a compact JWS (three dot-separated parts)")
+            raise _refused("malformed", "malformed token: not a compact JWS (three dot-separated parts)")
         header = _b64json(parts[0], "header")
         claims = _b64json(parts[1], "payload")
 
         alg = header.get("alg")
         if alg not in self.settings.algorithms:
-            raise UnauthorizedError(f"algorithm {alg!r} is not accepted: only {', '.join(self.settings.algorithms)}")
+            raise _refused("algorithm", f"algorithm {alg!r} is not accepted: only {', '.join(self.settings.algorithms)}")
         iss = claims.get("iss")
         issuer = self.issuers.get(iss) if isinstance(iss, str) else None
         if issuer is None:
-            raise UnauthorizedError("the issuer (iss) is not trusted")
+            raise _refused("issuer", "the issuer (iss) is not trusted")
         source = self._key_source(issuer, header.get("jku"))
         key = self._key(source, header.get("kid"), alg)
         try:
             verified = jws.deserialize_compact(token, key, algorithms=[alg])
         except JoseError:
-            raise UnauthorizedError("the signature does not verify") from None
+            raise _refused("signature", "the signature does not verify") from None
         # Read the claims from what was verified, not from the unverified decoding above.
         try:
             claims = json.loads(verified.payload)
         except (ValueError, TypeError):
-            raise UnauthorizedError("malformed token: the payload is not JSON") from None
+            raise _refused("malformed", "malformed token: the payload is not JSON") from None
         if not isinstance(claims, dict) or claims.get("iss") != iss:
-            raise UnauthorizedError("malformed token: the payload is not a JSON object")
+            raise _refused("malformed", "malformed token: the payload is not a JSON object")
         self._check_claims(claims, set(audiences))
         return claims
 
     def _key_source(self, issuer: Issuer, jku: Any) -> str:
-        if jku is not None:
-            if not isinstance(jku, str) or jku.rstrip("/") not in issuer.jku:
-                raise UnauthorizedError("the jku is not on this issuer's allowlist")
+        if jku is not None and isinstance(jku, str) and jku.rstrip("/") in issuer.jku:
             return jku.rstrip("/")
         if issuer.jwks_file is not None:
+            # Keys pinned in the configuration verify the token whatever `jku` it announces
+            # (many EHRs, the CDS Hooks sandbox among them, always send one): that URL is then
+            # neither fetched nor trusted.
             return f"file:{issuer.jwks_file}"
+        if jku is not None:
+            raise _refused("jku", "the jku is not on this issuer's allowlist")
         return issuer.jku[0]
 
     def _key(self, source: str, kid: Any, alg: str):
@@ -229,35 +266,35 @@ class JwtVerifier:
             keys = self.keystore.keys(source, refresh=refresh)
             candidates = [k for k in keys if kid is None or k.kid == kid]
             if kid is None and len(candidates) > 1:
-                raise UnauthorizedError("the token has no kid and the key set has several keys")
+                raise _refused("key", "the token has no kid and the key set has several keys")
             if candidates:
                 key = candidates[0]
                 if key.get("alg") not in (None, alg):
-                    raise UnauthorizedError("the key's alg does not match the token's alg")
+                    raise _refused("key", "the key's alg does not match the token's alg")
                 return key
-        raise UnauthorizedError("no key in the issuer's key set has the token's kid")
+        raise _refused("key", "no key in the issuer's key set has the token's kid")
 
     def _check_claims(self, claims: dict[str, Any], audiences: set[str]) -> None:
         aud = claims.get("aud")
         auds = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
         if not any(isinstance(a, str) and a.rstrip("/") in audiences for a in auds):
-            raise UnauthorizedError("the audience (aud) is not this service's endpoint URL")
+            raise _refused("audience", "the audience (aud) is not this service's endpoint URL")
         now = self.clock()
         skew = self.settings.clock_skew_seconds
         exp, iat = claims.get("exp"), claims.get("iat")
         for name, value in (("exp", exp), ("iat", iat)):
             if value is None:
-                raise UnauthorizedError(f"the token has no {name}")
+                raise _refused("claims", f"the token has no {name}")
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise UnauthorizedError(f"{name} is not a number")
+                raise _refused("claims", f"{name} is not a number")
         if now > exp + skew:
-            raise UnauthorizedError("the token has expired (exp)")
+            raise _refused("expired", "the token has expired (exp)")
         if iat > now + skew:
-            raise UnauthorizedError("the token was issued in the future (iat)")
+            raise _refused("iat", "the token was issued in the future (iat)")
         if exp > now + self.settings.max_lifetime_seconds + skew:
-            raise UnauthorizedError("the token's exp is further ahead than jwt.max_lifetime_seconds")
+            raise _refused("lifetime", "the token's exp is further ahead than jwt.max_lifetime_seconds")
         jti = claims.get("jti")
         if not isinstance(jti, str) or not jti:
-            raise UnauthorizedError("the token has no jti")
+            raise _refused("claims", "the token has no jti")
         if not self.replay.check_and_add(claims["iss"], jti, float(exp) + skew):
-            raise UnauthorizedError("the token was used before (jti replay)")
+            raise _refused("replay", "the token was used before (jti replay)")

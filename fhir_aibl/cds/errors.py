@@ -6,6 +6,7 @@
         ├── UnknownServiceError     cds-unknown-service 404  no service with that id
         ├── UnknownCardError        cds-unknown-card    404  feedback about a card this service never issued
         ├── PayloadTooLargeError    cds-too-large       413  request body above `max_request_bytes`
+        ├── UnsupportedMediaTypeError cds-media-type    415  a request body whose Content-Type is not JSON
         ├── UnauthorizedError       cds-unauthorized    401  JWT missing or rejected (the reason says which check)
         ├── PrefetchUnavailableError cds-data-unavailable 412 data the assessment cannot do without cannot be had
         ├── BusyError               cds-busy            503  the worker pool and its queue are full
@@ -50,6 +51,12 @@ class PayloadTooLargeError(CdsError):
     code = "cds-too-large"
     issue_type = "too-costly"
     status = 413
+
+
+class UnsupportedMediaTypeError(CdsError):
+    code = "cds-media-type"
+    issue_type = "not-supported"
+    status = 415
 
 
 class UnauthorizedError(CdsError):

@@ -179,6 +179,11 @@ class FeedbackStore:
         with self._lock:
             self._db.close()
 
+    def check_writable(self) -> None:
+        """Write (and commit) one row, for readiness; raises sqlite3.Error when the database cannot be written."""
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('ready-probe', ?)", (str(self.clock()),))
+
     def _patient(self, patient_ref: str) -> str:
         # Salted per database: the file never holds a patient id, and a hash from one
         # installation cannot be looked up against another's.

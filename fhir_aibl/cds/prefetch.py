@@ -77,6 +77,11 @@ KEY_TYPES = {
     "dxa-procedures": "Procedure",
     "dxa-orders": "ServiceRequest",
 }
+#: Keys whose data only refines the advice: a DXA done, ordered or declined without a result. Without
+#: them (an EHR registered before they existed, or a failed query) the assessment is the same but
+#: for asking to order a DXA rather than to obtain a report: never a lower category. So a missing
+#: or failed one is logged, never a 412.
+OPTIONAL_KEYS = frozenset({"dxa-reports", "dxa-procedures", "dxa-orders"})
 
 
 def default_templates(terminology: Terminology) -> dict[str, str]:

@@ -5,6 +5,18 @@ refused until one is configured), no FHIR server is reachable (the fallback quer
 until servers are allowlisted), no browser origin is allowed. `docs/cds-hooks.md` lists
 them all; `Settings.model_json_schema()` is the machine-readable form.
 
+Every setting can also be given as an environment variable, `FHIR_AIBL_` and its name in
+capitals, nested ones joined with `__` (`FHIR_AIBL_PUBLIC_BASE_URL`,
+`FHIR_AIBL_JWT__CLOCK_SKEW_SECONDS`, `FHIR_AIBL_FEEDBACK__DATABASE`); lists and mappings as
+JSON (`FHIR_AIBL_CORS_ORIGINS='["https://ehr.example.org"]'`). The environment wins over the
+file; the command line's flags win over both. `fhir-aibl serve`'s own flags (host, port,
+workers, log level and format, the file itself) read `FHIR_AIBL_HOST` and so on.
+
+The state directory (`state_dir`) holds the SQLite database (issued cards, feedback, the JWT
+replay cache shared by every worker process). Unset, it is `$STATE_DIRECTORY` when systemd
+provides one (`StateDirectory=`, e.g. /var/lib/fhir-aibl), else the user's state directory
+(platformdirs: ~/.local/state/fhir-aibl on Linux): never the current working directory.
+
 Paths in a configuration file are relative to that file. Secrets never live here: the
 service holds none (it verifies EHR tokens with public keys, and uses the EHR's own
 `fhirAuthorization` token for fallback queries).
@@ -14,11 +26,14 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
+import platformdirs
 import yaml
+from pydantic_settings import EnvSettingsSource
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import AiblError
@@ -59,8 +74,9 @@ class Issuer(_Model):
     )
     jwks_file: Path | None = Field(
         default=None,
-        description="a JWK Set file with the issuer's public keys, for EHRs that register keys out of band "
-        "(used when the token has no `jku`, or when no `jku` URL is configured)",
+        description="a JWK Set file with the issuer's public keys, for EHRs that register keys out of band. "
+        "It verifies every token of this issuer whose `jku` is not one of the `jku` URLs above, whatever `jku` "
+        "the token announces (that URL is then neither fetched nor trusted)",
     )
 
     @field_validator("jku")
@@ -134,7 +150,11 @@ class FhirSettings(_Model):
 
 
 class FeedbackSettings(_Model):
-    database: Path = Field(default=Path("fhir-aibl-cds.sqlite3"), description="SQLite file for cards and feedback")
+    database: Path | None = Field(
+        default=None,
+        description="SQLite file for issued cards, feedback and the JWT replay cache, shared by all worker "
+        "processes; unset: cds.sqlite3 in state_dir",
+    )
     suppression_days: float = Field(
         default=30, ge=0, description="an overridden card is not shown again for this long (0: never suppressed)"
     )
@@ -182,8 +202,19 @@ class Settings(_Model):
     public_base_url: str | None = Field(
         default=None,
         description="the URL EHRs call, without /cds-services (e.g. https://cds.example.org). The JWT `aud` must "
-        "equal {public_base_url}/cds-services/{id}. Unset: taken from each request's own URL, which is only "
-        "right when no proxy rewrites it",
+        "equal {public_base_url}/cds-services/{id}; it comes from here only, never from a request's Host or "
+        "X-Forwarded-* headers. Required unless allow_unsigned: the service refuses to start without it",
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="addresses (or CIDR networks) of reverse proxies whose X-Forwarded-For and X-Forwarded-Proto "
+        "headers are believed (client address and scheme in logs); none by default: forwarded headers are ignored. "
+        "They never decide which JWTs are accepted",
+    )
+    state_dir: Path | None = Field(
+        default=None,
+        description="folder of the service's state (the SQLite database); unset: $STATE_DIRECTORY (set by systemd's "
+        "StateDirectory=), else the user's state directory (~/.local/state/fhir-aibl on Linux)",
     )
     patient_view_id: str = Field(
         default="aibl-patient-view", pattern=r"^[A-Za-z0-9._-]{1,64}$", description="id of the patient-view service"
@@ -228,6 +259,19 @@ class Settings(_Model):
     feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
     smart: SmartSettings = Field(default_factory=SmartSettings, description="the bone-health view as a SMART app (docs/view.md)")
 
+    @property
+    def state_path(self) -> Path:
+        """The state directory in effect (see `state_dir`)."""
+        if self.state_dir is not None:
+            return self.state_dir
+        systemd = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+        return Path(systemd) if systemd else platformdirs.user_state_path("fhir-aibl")
+
+    @property
+    def database_path(self) -> Path:
+        """The SQLite database in effect: `feedback.database`, else cds.sqlite3 in the state directory."""
+        return self.feedback.database if self.feedback.database is not None else self.state_path / "cds.sqlite3"
+
     @field_validator("public_base_url")
     @classmethod
     def _base(cls, value: str | None) -> str | None:
@@ -257,7 +301,7 @@ def _resolve(data: dict, base: Path) -> dict:
         return str(path if path.is_absolute() else (base / path))
 
     data = dict(data)
-    for key in ("rules", "catalogue", "safety"):
+    for key in ("rules", "catalogue", "safety", "state_dir"):
         if key in data:
             data[key] = fix(data[key])
     if isinstance(data.get("feedback"), dict) and "database" in data["feedback"]:
@@ -277,8 +321,40 @@ def _problems(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}" for err in exc.errors())
 
 
-def load_settings(path: str | Path | None = None, **overrides) -> Settings:
-    """Settings from a YAML (.yaml/.yml) or JSON file, then `overrides` on top. No file: the defaults."""
+ENV_PREFIX = "FHIR_AIBL_"
+
+
+def environment_settings(environ: dict[str, str] | None = None) -> dict:
+    """The settings given as FHIR_AIBL_... environment variables (nested: `__`), unvalidated."""
+    source = EnvSettingsSource(
+        Settings,
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        case_sensitive=False,
+        env_parse_none_str="null",
+        env_ignore_empty=True,  # `FHIR_AIBL_X=` (as env files often have) means unset
+    )
+    if environ is not None:
+        source.env_vars = {k.lower(): v for k, v in environ.items() if v != ""}
+    try:
+        return source()
+    except Exception as exc:  # pydantic-settings' SettingsError: a value that should be JSON is not
+        raise SettingsError(f"invalid environment variable: {exc}", source="environment") from exc
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_settings(
+    path: str | Path | None = None, *, environ: dict[str, str] | None = None, use_environment: bool = True, **overrides
+) -> Settings:
+    """Settings from a YAML (.yaml/.yml) or JSON file, the FHIR_AIBL_... environment variables
+    over it (`environ`, default os.environ; `use_environment=False` ignores them), then
+    `overrides` on top. No file: the defaults."""
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -295,11 +371,14 @@ def load_settings(path: str | Path | None = None, **overrides) -> Settings:
         if not isinstance(loaded, dict):
             raise SettingsError("a configuration file is a mapping of setting names to values", source=str(path))
         data = _resolve(loaded, path.resolve().parent)
+    if use_environment:
+        data = _merge(data, environment_settings(environ))
     data.update(overrides)
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        raise SettingsError(f"invalid configuration: {_problems(exc)}", source=str(path) if path else None) from exc
+        where = " and ".join(filter(None, [str(path) if path else None, "FHIR_AIBL_* variables" if use_environment and environment_settings(environ) else None]))
+        raise SettingsError(f"invalid configuration: {_problems(exc)}", source=where or None) from exc
 
 
 def settings_for_tests(directory: str | Path, **overrides) -> Settings:

@@ -16,7 +16,7 @@ from fhir_aibl.cds.auth import JwtVerifier
 from fhir_aibl.cds.errors import UnauthorizedError
 from fhir_aibl.cds.prefetch import KEY_TYPES
 from fhir_aibl.cds.samples import patient_view_request
-from fhir_aibl.cds.settings import JwtSettings
+from fhir_aibl.cds.settings import JwtSettings, SettingsError
 
 from .conftest import BASE, EHR_ISS, EHR_JKU, PV, Signer, bundle, cds_data
 
@@ -86,6 +86,48 @@ def test_the_sandbox_request_with_its_real_token_is_accepted(make_app):
         # The same token again is a replay.
         again = harness.hook(service_id, body, headers)
         assert again.status_code == 401 and "replay" in reason(again)
+
+
+def test_the_sandbox_jwks_pinned_in_the_configuration_verifies_whatever_jku_it_announces(make_app, tmp_path):
+    """The sandbox always sends a `jku`; with its published JWKS pinned as a file (and no `jku`
+    URL configured), its captured token verifies and the `jku` is never fetched."""
+    captured = json.loads(cds_data("sandbox-captured/authorization-jwt-from-sandbox.json").read_text())
+    body = json.loads(cds_data("sandbox-captured/patient-view-request-from-sandbox.json").read_text())
+    pinned = tmp_path / "sandbox-jwks.json"
+    pinned.write_text(cds_data("sandbox-public-jwks/jwks.json").read_text())
+    assert captured["header"]["jku"]  # the token does announce one
+    base, _, service_id = captured["payload"]["aud"].rpartition("/cds-services/")
+    harness = make_app(
+        allow_unsigned=False,
+        public_base_url=base,
+        patient_view_id=service_id,
+        as_of=None,
+        jwt={"issuers": [{"iss": captured["payload"]["iss"], "jwks_file": str(pinned)}]},
+        fhir={"allowlist": [body["fhirServer"]]},
+    )
+    harness.clock[0] = captured["payload"]["iat"]
+    headers = {"Authorization": f"Bearer {captured['compact_jws']}"}
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        empty = {"resourceType": "Bundle", "type": "searchset", "total": 0}
+        for rtype in ("Observation", "Condition", "MedicationStatement", "MedicationRequest", "MedicationAdministration", "FamilyMemberHistory"):
+            mock.get(f"{body['fhirServer']}/{rtype}", json=empty)
+        response = harness.hook(service_id, body, headers)
+        assert response.status_code == 200, response.text
+        assert all(call.request.url.startswith(body["fhirServer"]) for call in mock.calls)  # the jku was not fetched
+        assert harness.hook(service_id, body, headers).status_code == 401  # replay protection still applies
+
+
+def test_pinned_keys_do_not_verify_a_token_signed_by_the_key_its_jku_names(make_app, signer, tmp_path, request_v06):
+    """A token announcing an attacker's jku, signed with the attacker's key, does not verify
+    against the pinned keys, and the attacker's URL is not fetched."""
+    path = tmp_path / "ehr-jwks.json"
+    path.write_text(json.dumps(signer.jwks))
+    harness = make_app(allow_unsigned=False, public_base_url=BASE, jwt={"issuers": [{"iss": signer.iss, "jwks_file": str(path)}]})
+    attacker = Signer(ECKey.generate_key("P-384", parameters={"kid": signer.key.kid}), jku="https://evil.example.org/jwks.json")
+    with responses.RequestsMock():  # any HTTP call would fail the test
+        response = harness.hook(PV, request_v06, attacker.bearer(AUD))
+        assert response.status_code == 401 and "signature" in reason(response)
+        assert harness.hook(PV, request_v06, signer.bearer(AUD, header={"jku": "https://evil.example.org/jwks.json"})).status_code == 200
 
 
 def test_the_sandbox_token_is_refused_after_it_expires(make_app):
@@ -258,11 +300,23 @@ def test_a_pinned_jwks_file_needs_no_fetch(make_app, signer, tmp_path, request_v
     assert response.status_code == 200, response.text
 
 
-def test_without_public_base_url_the_aud_is_the_request_url(make_app, signer, jwks_server, request_v06):
-    harness = make_app(allow_unsigned=False, jwt=signer.issuer_settings())
-    ok = harness.hook(PV, request_v06, signer.bearer(f"http://testserver/cds-services/{PV}"))
-    assert ok.status_code == 200
-    assert harness.hook(PV, request_v06, signer.bearer(AUD)).status_code == 401
+def test_verifying_jwts_without_public_base_url_refuses_to_start(make_app, signer):
+    """The audience comes from the configuration only: without public_base_url the service
+    does not start (and says how to set it), rather than take it from the request's Host."""
+    with pytest.raises(SettingsError) as caught:
+        make_app(allow_unsigned=False, jwt=signer.issuer_settings())
+    assert "public_base_url" in str(caught.value) and "FHIR_AIBL_PUBLIC_BASE_URL" in str(caught.value)
+    make_app(allow_unsigned=True).cds.close()  # nothing is verified: nothing to compare aud with
+
+
+def test_a_token_for_another_service_is_refused_whatever_host_and_forwarded_headers_say(secured, signer, request_v06):
+    """A trusted EHR's token for another CDS service, replayed here with that service's Host and
+    X-Forwarded-* headers, names the other service in its aud: refused."""
+    other = "https://other-cds.example.net"
+    spoofed = {"Host": "other-cds.example.net", "X-Forwarded-Proto": "https", "X-Forwarded-Host": "other-cds.example.net"}
+    response = secured.hook(PV, request_v06, {**signer.bearer(f"{other}/cds-services/{PV}"), **spoofed})
+    assert response.status_code == 401 and "audience" in reason(response)
+    assert secured.hook(PV, request_v06, {**signer.bearer(AUD), **spoofed}).status_code == 200
 
 
 def test_unsigned_mode_says_so_loudly(make_app, request_v06, caplog):

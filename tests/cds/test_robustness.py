@@ -71,7 +71,8 @@ def test_any_mutation_gets_an_answer_not_a_500(harness, base_requests, data):
     path = data.draw(st.sampled_from(all_paths))
     mutated = replaced(request, path, data.draw(JSON))
     response = harness.hook(service, mutated)
-    assert response.status_code in (200, 400, 412), (path, response.text)
+    # a body replaced by null is sent as no body at all, without a Content-Type: 415
+    assert response.status_code in (200, 400, 412) + ((415,) if mutated is None else ()), (path, response.text)
     if response.status_code == 200:
         text = json.dumps(response.json())
         assert "Patient/v06" in text or response.json() == {"cards": []}

@@ -340,8 +340,29 @@ def test_malformed_json_is_400(make_app):
 
 
 def test_empty_body_is_400(make_app):
-    response = make_app().client.post(f"/cds-services/{PV}", content=b"")
+    response = make_app().client.post(f"/cds-services/{PV}", content=b"", headers={"Content-Type": "application/json"})
     assert response.status_code == 400
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "application/xml", "text/json"],
+)
+@pytest.mark.parametrize("path", [PV, OS, f"{PV}/feedback"])
+def test_a_body_that_is_not_declared_json_is_415_with_a_reason(make_app, content_type, path):
+    body = json.dumps(patient_view_request(bundle("V06"))).encode()
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    response = make_app().client.post(f"/cds-services/{path}", content=body, headers=headers)
+    assert response.status_code == 415 and outcome(response)[0] == "cds-media-type"
+    said = "no Content-Type" if content_type is None else repr(content_type.split(";")[0])
+    assert "must be JSON" in outcome(response)[1] and said in outcome(response)[1]
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "application/json; charset=utf-8", "Application/JSON", "application/fhir+json"])
+def test_json_content_types_are_accepted(make_app, content_type):
+    body = json.dumps(patient_view_request(bundle("V06"))).encode()
+    response = make_app().client.post(f"/cds-services/{PV}", content=body, headers={"Content-Type": content_type})
+    assert response.status_code == 200, response.text
 
 
 def test_unknown_service_is_404(make_app):
@@ -362,7 +383,7 @@ def test_body_above_the_limit_without_content_length_is_413(make_app):
         for _ in range(20):
             yield b" " * 1000
 
-    response = harness.client.post(f"/cds-services/{PV}", content=chunks())
+    response = harness.client.post(f"/cds-services/{PV}", content=chunks(), headers={"Content-Type": "application/json"})
     assert response.status_code == 413
 
 
