@@ -16,9 +16,10 @@ from typing import Any
 
 from .assessment import RISK_FACTOR_ORDER, Assessment, Finding, RulesetInfo, SelectedT
 from .engine import Derivation, Engine
-from .errors import EvaluationError, RulesError
+from .errors import AiblError, EvaluationError, NoUsableDataError, RulesError
 from .facts import FactSet, extract_facts
 from .rulebook import Rulebook, load_rulebook
+from .sources import PatientRecord
 from .terminology import Terminology
 
 RULES_DIR = Path(__file__).resolve().parent.parent / "rules"
@@ -60,6 +61,28 @@ class Assessor:
         facts = extract_facts(patient_ref, resources, as_of, self.terminology)
         derivation = self.engine.evaluate(facts.facts)
         return Result(build_assessment(patient_ref, as_of, derivation, self.rulebook, self.ruleset_info), facts)
+
+
+def assess_record(assessor: Assessor, record: PatientRecord, as_of: dt.date) -> Result:
+    """One reader record, assessed; an `AiblError` names the record's files and patient.
+
+    A record with nothing the rules can read is a `NoUsableDataError`, not an assessment.
+    The one definition of what a run does with a record, whichever process runs it.
+    """
+    source = ", ".join(record.sources)
+    try:
+        result = assessor.assess(record.patient_ref, record.resources, as_of)
+    except AiblError as exc:
+        exc.source = exc.source or source
+        exc.resource = exc.resource or record.patient_ref
+        raise
+    if not result.facts.facts:
+        raise NoUsableDataError(
+            "nothing to assess: no Patient and no recognised Observation, medication or Condition",
+            source=source,
+            resource=record.patient_ref,
+        )
+    return result
 
 
 def _in_stage_order(rulebook: Rulebook, rule_ids: list[str]) -> list[str]:

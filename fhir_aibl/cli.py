@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import __version__
-from .assess import RULES_DIR, Assessor, Result
+from .assess import RULES_DIR, Assessor, Result, assess_record
 from .assessment import Assessment
-from .errors import AiblError, NoUsableDataError
+from .errors import AiblError
 from .sources import PatientRecord, iter_records
 
 PROJECT_DIR = RULES_DIR.parent
@@ -47,6 +47,16 @@ def _date(text: str) -> dt.date:
         raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"not a positive whole number: {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fhir-aibl", description="AIBL clinical decision support on FHIR R4")
     parser.add_argument("--version", action="version", version=f"fhir-aibl {__version__}")
@@ -62,6 +72,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     assess.add_argument(
         "--explain", action="store_true", help="json: add as_of, ruleset and the rules and evidence of every finding"
+    )
+    assess.add_argument(
+        "--workers",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="worker processes (default: one per core for inputs of 8 MB or more, else 1); same output for any N",
     )
 
     rules = sub.add_parser("rules", help="review the ruleset as a whole")
@@ -111,22 +128,10 @@ def iter_assessments(
         if isinstance(item, AiblError):
             problems.append(item)
             continue
-        source = ", ".join(item.sources)
         try:
-            result = assessor.assess(item.patient_ref, item.resources, as_of)
+            result = assess_record(assessor, item, as_of)
         except AiblError as exc:
-            exc.source = exc.source or source
-            exc.resource = exc.resource or item.patient_ref
             problems.append(exc)
-            continue
-        if not result.facts.facts:
-            problems.append(
-                NoUsableDataError(
-                    "nothing to assess: no Patient and no recognised Observation, medication or Condition",
-                    source=source,
-                    resource=item.patient_ref,
-                )
-            )
             continue
         for note in result.facts.problems:
             _err(f"warning: {note}")
@@ -207,19 +212,29 @@ def _assess_command(args: argparse.Namespace) -> int:
 def _assess(args: argparse.Namespace) -> int:
     as_of = args.as_of or dt.date.today()
     assessor = Assessor(args.rules, mode=args.mode)
-    records = iter_records(args.paths, terminology=assessor.terminology)
+    from .population import choose_workers
+
+    workers = choose_workers(args.paths, args.workers)
     if args.format == "json":
         # Streamed: one patient's result at a time, so memory does not grow with the input.
         # The errors follow the output on stderr instead of preceding it; both streams hold
         # what they held before.
         problems: list[AiblError] = []
-        results = iter_assessments(assessor, records, as_of, problems)
-        write_json_array((r.assessment.explained() if args.explain else r.assessment.contract() for r in results), sys.stdout)
+        if workers > 1:
+            outputs = _population(args, assessor, as_of, workers, "explained" if args.explain else "contract", problems)
+        else:
+            results = iter_assessments(assessor, iter_records(args.paths, terminology=assessor.terminology), as_of, problems)
+            outputs = (r.assessment.explained() if args.explain else r.assessment.contract() for r in results)
+        write_json_array(outputs, sys.stdout)
         for problem in problems:
             _err(f"error: {problem}")
         return 1 if problems else 0
-    results_list, problems = run_assessments(assessor, records, as_of)
-    assessments = [r.assessment for r in results_list]
+    if workers > 1:
+        problems = []
+        assessments = list(_population(args, assessor, as_of, workers, "assessment", problems))
+    else:
+        results_list, problems = run_assessments(assessor, iter_records(args.paths, terminology=assessor.terminology), as_of)
+        assessments = [r.assessment for r in results_list]
     for problem in problems:
         _err(f"error: {problem}")
     if args.format == "fhir":
@@ -228,6 +243,25 @@ def _assess(args: argparse.Namespace) -> int:
         print(format_table(assessments))
         print(f"\n{len(assessments)} assessed, {len(problems)} rejected; ruleset {assessor.rulebook.name}; as of {as_of}")
     return 1 if problems else 0
+
+
+def _population(
+    args: argparse.Namespace, assessor: Assessor, as_of: dt.date, workers: int, payload: str, problems: list[AiblError]
+) -> Iterator[Any]:
+    """The patients' payloads from worker processes (fhir_aibl/population): what one process gives, in its order."""
+    from .population import assess_population, one_process_items
+
+    return assess_population(
+        args.paths,
+        as_of=as_of,
+        workers=workers,
+        payload=payload,
+        problems=problems,
+        on_warning=lambda note: _err(f"warning: {note}"),
+        rules_path=args.rules,
+        mode=args.mode,
+        one_process=lambda: one_process_items(args.paths, assessor, as_of, payload),
+    )
 
 
 def demo_paths() -> list[Path]:
