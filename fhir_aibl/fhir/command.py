@@ -133,6 +133,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"pages per search (default: {defaults.max_pages})",
     )
     parser.add_argument(
+        "--workers",
+        type=_positive(int),
+        default=None,
+        metavar="N",
+        help="patients in flight at once, each in a worker process of its own "
+        "(default: one per core with --all, else 1); the same outcomes",
+    )
+    parser.add_argument(
         "--progress",
         choices=("auto", "always", "never"),
         default="auto",
@@ -197,6 +205,19 @@ def build_client(args: argparse.Namespace, *, session=None, environ=None) -> Fhi
     return FhirClient(args.fhir_base, settings=settings, profile=profile, auth=auth, session=session)
 
 
+def _workers(args: argparse.Namespace, session) -> int:
+    """--workers, else every core for --all; 1 with a `session` seam (it cannot cross into other processes)."""
+    if session is not None:
+        return 1
+    if args.workers is not None:
+        return args.workers
+    if args.all:
+        from ..population import default_workers
+
+        return default_workers()
+    return 1
+
+
 def summary(report: RunReport, *, write_back: bool) -> list[str]:
     lines = [
         f"patients found {report.found}, assessed {report.count('assessed')}, written {report.count('written')}, "
@@ -258,6 +279,11 @@ def run(
         runner = Runner(
             client, assessor, as_of=as_of, write_back=args.write_back, catalogue=catalogue, on_progress=progress
         )
+        workers = _workers(args, session)
+        if workers > 1:
+            from ..population.pulls import ParallelPatients
+
+            runner.parallel = lambda ids: ParallelPatients(args, environ, as_of, ids, workers)
         try:
             report = runner.run(None if args.all else args.patient)
         except AiblError as exc:
