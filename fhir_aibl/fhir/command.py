@@ -137,8 +137,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_positive(int),
         default=None,
         metavar="N",
-        help="patients in flight at once, each in a worker process of its own "
-        "(default: one per core with --all, else 1); the same outcomes",
+        help="patients in flight at once, each in a worker process of its own (default: 1); the same outcomes",
     )
     parser.add_argument(
         "--progress",
@@ -206,16 +205,11 @@ def build_client(args: argparse.Namespace, *, session=None, environ=None) -> Fhi
 
 
 def _workers(args: argparse.Namespace, session) -> int:
-    """--workers, else every core for --all; 1 with a `session` seam (it cannot cross into other processes)."""
-    if session is not None:
+    """--workers (default 1: one request at a time is what a hospital's server is least likely to
+    throttle; more is the operator's choice); 1 with a `session` seam, which stays in this process."""
+    if session is not None or args.workers is None:
         return 1
-    if args.workers is not None:
-        return args.workers
-    if args.all:
-        from ..population import default_workers
-
-        return default_workers()
-    return 1
+    return args.workers
 
 
 def summary(report: RunReport, *, write_back: bool) -> list[str]:

@@ -67,13 +67,10 @@ def test_a_dead_worker_fails_only_its_patient(loaded_server):
         assert by_id[pid].status == "assessed" and by_id[pid].assessment is not None
 
 
-def test_default_workers(monkeypatch):
+def test_workers_default_to_one():
     parser = argparse.ArgumentParser()
     command.add_arguments(parser)
-    monkeypatch.setattr("fhir_aibl.population.default_workers", lambda: 5)
-    every = parser.parse_args(["--fhir-base", "http://x", "--all"])
-    some = parser.parse_args(["--fhir-base", "http://x", "--patient", "a"])
-    assert command._workers(every, None) == 5
-    assert command._workers(some, None) == 1
-    assert command._workers(every, object()) == 1  # a session seam stays in this process
+    assert command._workers(parser.parse_args(["--fhir-base", "http://x", "--all"]), None) == 1
     assert command._workers(parser.parse_args(["--fhir-base", "http://x", "--all", "--workers", "3"]), None) == 3
+    # a session seam (tests, embedding) cannot cross into other processes
+    assert command._workers(parser.parse_args(["--fhir-base", "http://x", "--all", "--workers", "3"]), object()) == 1
