@@ -10,7 +10,9 @@ that patient only (`ClientSettings.write_attempts`), after pulling and assessing
 again, so the retry decides on what the server holds now (the earlier attempt may have
 been applied and only its answer lost). Patients are processed one after another: the
 engine serialises evaluations anyway, and one request at a time is what a hospital's
-FHIR server is least likely to throttle.
+FHIR server is least likely to throttle. With `parallel` (`run --workers N`,
+fhir_aibl/population/pulls.py) N patients are in flight in worker processes, each with its
+own engine, and their outcomes are taken in the same order.
 """
 
 from __future__ import annotations
