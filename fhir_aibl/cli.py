@@ -95,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="assess patients on a FHIR server, optionally writing CarePlans back")
     fhir_command.add_arguments(run)
+    export = sub.add_parser("export", help="export patients' data with FHIR Bulk Data ($export) into a folder")
+    fhir_command.add_arguments(export, run=False)
     serve = sub.add_parser("serve", help="serve AIBL decision support to EHRs as a CDS Hooks 2.0 service")
     cds_command.add_arguments(serve)
     from . import synth
@@ -320,6 +322,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .fhir import command as fhir_command
 
             return fhir_command.run(args)
+        if args.command == "export":
+            from .bulk.command import run_export
+
+            return run_export(args)
         if args.command == "serve":
             from .cds import command as cds_command
 

@@ -58,7 +58,8 @@ def _positive(kind: type):
     return parse
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, *, run: bool = True) -> None:
+    """The options of `run`; with `run=False` (`fhir-aibl export`) no patient selection is required."""
     # No abbreviations: `--token SECRET` must be refused, not taken for `--token-file SECRET`.
     parser.allow_abbrev = False
     defaults = ClientSettings()
@@ -66,13 +67,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fhir-base", required=True, metavar="URL", help="FHIR R4 base URL, e.g. https://ehr.example/fhir/R4"
     )
-    who = parser.add_mutually_exclusive_group(required=True)
+    who = parser.add_mutually_exclusive_group(required=run)
     who.add_argument("--patient", nargs="+", metavar="ID", help="assess these patients (Patient ids)")
     who.add_argument(
         "--all",
         action="store_true",
         help="assess every patient with an active or intended aromatase-inhibitor medication",
     )
+    from ..bulk.command import add_bulk_arguments
+
+    add_bulk_arguments(parser, who if run else None)
     parser.add_argument("--as-of", type=_date, default=None, help="reference date (default: today)")
     parser.add_argument(
         "--write-back",
@@ -255,6 +259,10 @@ def run(
         log.setLevel(logging.DEBUG)
     progress = None
     try:
+        if getattr(args, "bulk", False):
+            from ..bulk.command import run_bulk
+
+            return run_bulk(args, assessor=assessor, environ=environ, session=session, stdout=out, stderr=err)
         as_of = args.as_of or dt.date.today()
         try:
             if assessor is None or args.rules is not None:

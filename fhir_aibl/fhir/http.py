@@ -169,8 +169,12 @@ class Http:
         headers: Mapping[str, str] | None = None,
         idempotent: bool | None = None,
         what: str = "",
+        stream: bool = False,
     ) -> requests.Response:
-        """Send one request (with retries); return a 2xx response or raise a typed FhirError."""
+        """Send one request (with retries); return a 2xx response or raise a typed FhirError.
+
+        `stream`: the body of a 2xx answer is left unread for the caller to stream (a Bulk Data download).
+        """
         method = method.upper()
         url = self.url(path_or_url)
         what = what or method
@@ -197,6 +201,7 @@ class Http:
                     headers=request_headers,
                     timeout=(self.settings.connect_timeout, self.settings.read_timeout),
                     allow_redirects=False,
+                    stream=stream,
                 )
             except requests.Timeout as exc:
                 error: FhirError = RequestTimeout(
