@@ -72,7 +72,7 @@ def _export(args: argparse.Namespace, *, environ, session, err: TextIO):
         poll=PollSettings(deadline=args.export_deadline),
         on_progress=lambda text: None,
     )
-    return export_to(
+    result = export_to(
         bulk,
         args.out,
         level=_level(args),
@@ -82,6 +82,10 @@ def _export(args: argparse.Namespace, *, environ, session, err: TextIO):
         type_filters=tuple(args.type_filter),
         warn=lambda text: print(f"warning: {text}", file=err),
     )
+    result.requests = client.http.stats.requests
+    for message in result.errors:
+        print(f"error: export: {message}", file=err)
+    return result
 
 
 def run_export(args: argparse.Namespace, *, environ=None, session=None, stdout: TextIO | None = None,
@@ -92,9 +96,7 @@ def run_export(args: argparse.Namespace, *, environ=None, session=None, stdout: 
     except (AiblError, ValueError) as exc:
         print(f"fatal: {exc}", file=err)
         return 2
-    for message in result.errors:
-        print(f"error: export: {message}", file=err)
-    print(f"exported {len(result.files)} files to {result.folder}", file=out)
+    print(f"exported {len(result.files)} files to {result.folder} in {result.requests} requests", file=out)
     for path in result.files:
         print(f"  {path.name}", file=out)
     print(
@@ -129,8 +131,6 @@ def run_bulk(args: argparse.Namespace, *, assessor=None, environ=None, session=N
     except (AiblError, ValueError) as exc:
         print(f"fatal: {exc}", file=err)
         return 2
-    for message in result.errors:
-        print(f"error: export: {message}", file=err)
     as_of = args.as_of or dt.date.today()
     paths = [result.folder]
     workers = choose_workers(paths, args.workers)
@@ -164,7 +164,8 @@ def run_bulk(args: argparse.Namespace, *, assessor=None, environ=None, session=N
     for problem in problems:
         print(f"error: {problem}", file=err)
     print(
-        f"exported {len(result.files)} files ({result.folder}); assessed with ruleset {assessor.rulebook.name}; "
+        f"exported {len(result.files)} files ({result.folder}) in {result.requests} requests; "
+        f"assessed with ruleset {assessor.rulebook.name}; "
         f"as of {as_of}",
         file=err,
     )

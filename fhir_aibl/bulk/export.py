@@ -55,6 +55,7 @@ class ExportResult:
     warnings: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  #: messages of the manifest's error files
     since: str | None = None
+    requests: int = 0  #: HTTP requests to the server for the whole export (kick-off to delete)
 
 
 def read_state(out: Path) -> dict | None:
