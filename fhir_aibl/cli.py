@@ -28,6 +28,7 @@ from . import __version__
 from .assess import RULES_DIR, Assessor, Result, assess_record
 from .assessment import Assessment
 from .errors import AiblError
+from .report.worklist import Worklist
 from .sources import PatientRecord, iter_records
 
 PROJECT_DIR = RULES_DIR.parent
@@ -72,6 +73,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     assess.add_argument(
         "--explain", action="store_true", help="json: add as_of, ruleset and the rules and evidence of every finding"
+    )
+    assess.add_argument(
+        "--worklist",
+        type=Path,
+        default=None,
+        metavar="CSV",
+        help="also write the bone-health worklist: patients on an aromatase inhibitor with a care gap, most urgent first",
     )
     assess.add_argument(
         "--workers",
@@ -227,9 +235,11 @@ def _assess(args: argparse.Namespace) -> int:
         else:
             results = iter_assessments(assessor, iter_records(args.paths, terminology=assessor.terminology), as_of, problems)
             outputs = (r.assessment.explained() if args.explain else r.assessment.contract() for r in results)
-        write_json_array(outputs, sys.stdout)
+        worklist = Worklist() if args.worklist else None
+        write_json_array(worklist.tee(outputs) if worklist else outputs, sys.stdout)
         for problem in problems:
             _err(f"error: {problem}")
+        _write_worklist(worklist, args.worklist)
         return 1 if problems else 0
     if workers > 1:
         problems = []
@@ -244,7 +254,18 @@ def _assess(args: argparse.Namespace) -> int:
     else:
         print(format_table(assessments))
         print(f"\n{len(assessments)} assessed, {len(problems)} rejected; ruleset {assessor.rulebook.name}; as of {as_of}")
+    if args.worklist:
+        worklist = Worklist()
+        for assessment in assessments:
+            worklist.add(assessment)
+        _write_worklist(worklist, args.worklist)
     return 1 if problems else 0
+
+
+def _write_worklist(worklist: Worklist | None, path: Path | None) -> None:
+    if worklist is not None and path is not None:
+        count = worklist.write_csv(path)
+        _err(f"worklist: {count} patients on an aromatase inhibitor with a care gap, in {path}")
 
 
 def _population(

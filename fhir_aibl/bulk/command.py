@@ -53,6 +53,9 @@ def add_bulk_arguments(parser: argparse.ArgumentParser, who: argparse._MutuallyE
         "--type-filter", action="append", default=[], metavar="QUERY", help="_typeFilter, e.g. Observation?status=final"
     )
     bulk.add_argument(
+        "--worklist", type=Path, default=None, metavar="CSV", help="run --bulk: also write the bone-health worklist"
+    )
+    bulk.add_argument(
         "--export-deadline", type=float, default=3600.0, metavar="S", help="give up waiting after S seconds (default: 3600)"
     )
 
@@ -123,6 +126,7 @@ def run_bulk(args: argparse.Namespace, *, assessor=None, environ=None, session=N
     from ..assess import Assessor
     from ..cli import fewer_collections, format_table, write_json_array
     from ..population import assess_population, choose_workers, one_process_items
+    from ..report.worklist import Worklist
 
     try:
         if assessor is None or args.rules is not None:
@@ -156,6 +160,9 @@ def run_bulk(args: argparse.Namespace, *, assessor=None, environ=None, session=N
                                          problems, err)
                 if item.payload is not None
             )
+        worklist = Worklist() if args.worklist else None
+        if worklist is not None:
+            items = worklist.tee(items)
         if args.format == "json":
             write_json_array(items, out)
         else:
@@ -163,6 +170,9 @@ def run_bulk(args: argparse.Namespace, *, assessor=None, environ=None, session=N
             print(format_table(assessments), file=out)
     for problem in problems:
         print(f"error: {problem}", file=err)
+    if worklist is not None:
+        count = worklist.write_csv(args.worklist)
+        print(f"worklist: {count} patients on an aromatase inhibitor with a care gap, in {args.worklist}", file=err)
     print(
         f"exported {len(result.files)} files ({result.folder}) in {result.requests} requests; "
         f"assessed with ruleset {assessor.rulebook.name}; "

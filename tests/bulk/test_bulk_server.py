@@ -11,6 +11,7 @@ import requests
 
 from fhir_aibl.fhir import command as fhir_command
 from fhir_aibl.bulk.command import run_export
+from fhir_aibl.report.worklist import gaps_of
 
 from ..fhir.conftest import AS_OF, fresh_server, loaded_server, run_command, sekmet_base_url, sekmet_seed  # noqa: F401
 
@@ -97,8 +98,9 @@ def test_group_export_and_incremental_since(fresh_server, tmp_path):
 
 
 def test_run_bulk_gives_what_run_all_gives(loaded_server, tmp_path):
+    worklist = tmp_path / "worklist.csv"
     bulk = run_command("--fhir-base", loaded_server, "--bulk", "--out", str(tmp_path), "--as-of", AS_OF,
-                       "--format", "json", "--workers", "2")
+                       "--format", "json", "--workers", "2", "--worklist", str(worklist))
     rest = run_command("--fhir-base", loaded_server, "--all", "--as-of", AS_OF, "--format", "json")
     assert bulk.code in (0, 1), bulk.stderr
     by_patient = {a["patient"]: a for a in bulk.json()}
@@ -110,4 +112,6 @@ def test_run_bulk_gives_what_run_all_gives(loaded_server, tmp_path):
     one = run_command("--fhir-base", loaded_server, "--bulk", "--out", str(tmp_path / "again"), "--as-of", AS_OF,
                       "--format", "json", "--workers", "1")
     assert one.stdout == bulk.stdout
+    listed = [line.split(",")[1] for line in worklist.read_text().splitlines()[1:]]
+    assert sorted(listed) == sorted(a["patient"][8:] for a in bulk.json() if gaps_of(a)) and listed
     assert state["folder"]
