@@ -2,14 +2,17 @@
 
     fhir-aibl export --fhir-base URL [--group ID | --level system|patient] [--out DIR] [--since INSTANT | --incremental]
     fhir-aibl run --bulk --fhir-base URL [--group ID] [--out DIR] [--format table|json] [--workers N]
+                 [--write-back] [--worklist CSV]
 
 Both take the connection options of `run` (authentication, timeouts, retries). `export`
 writes NDJSON files and `state.json` into the output folder and prints where;
 `run --bulk` exports, then assesses the files exactly as `fhir-aibl assess` assesses them
-(the same output, in the same order), on `--workers` processes.
+(the same output, in the same order), on `--workers` processes, and with `--write-back`
+writes them back (bulk/writeback.py).
 
-Exit status: 0 when everything was exported (and assessed); 1 when the server reported
-errors in the manifest's error files, or some input was rejected; 2 when nothing could run
+Exit status: 0 when everything was exported (and assessed, and written back); 1 when the
+server reported errors in the manifest's error files, some input was rejected or a write
+failed; 2 when nothing could run
 (bad options, the server refused or failed the export, a download failed).
 """
 
@@ -64,10 +67,10 @@ def _level(args: argparse.Namespace) -> str:
     return "group" if args.group else args.level
 
 
-def _export(args: argparse.Namespace, *, environ, session, err: TextIO):
+def _export(args: argparse.Namespace, *, environ, session, err: TextIO, with_careplans: bool = False):
     from ..fhir.command import build_client
     from .client import BulkClient, PollSettings
-    from .export import export_to
+    from .export import RULE_TYPES, export_to
 
     client = build_client(args, session=session, environ=environ)
     bulk = BulkClient(
@@ -80,12 +83,14 @@ def _export(args: argparse.Namespace, *, environ, session, err: TextIO):
         args.out,
         level=_level(args),
         group=args.group,
+        types=RULE_TYPES + (("CarePlan",) if with_careplans else ()),
         since=args.since,
         incremental=args.incremental,
         type_filters=tuple(args.type_filter),
         warn=lambda text: print(f"warning: {text}", file=err),
     )
     result.requests = client.http.stats.requests
+    result.client = client
     for message in result.errors:
         print(f"error: export: {message}", file=err)
     return result
@@ -115,9 +120,6 @@ def run_bulk(args: argparse.Namespace, *, assessor=None, environ=None, session=N
              stderr: TextIO | None = None) -> int:
     """Export, then assess the export's files as `fhir-aibl assess` does."""
     out, err = stdout or sys.stdout, stderr or sys.stderr
-    if args.write_back:
-        print("fatal: --write-back after a Bulk export is not available yet; use run --all --write-back", file=err)
-        return 2
     if args.since or args.incremental:
         print(
             "fatal: run --bulk assesses a whole export; --since and --incremental are for fhir-aibl export", file=err
@@ -131,14 +133,28 @@ def run_bulk(args: argparse.Namespace, *, assessor=None, environ=None, session=N
     try:
         if assessor is None or args.rules is not None:
             assessor = Assessor(args.rules)
-        result = _export(args, environ=environ, session=session, err=err)
+        from ..careplan import catalogue_for
+
+        catalogue = catalogue_for(args.rules) if args.write_back else None
+        result = _export(args, environ=environ, session=session, err=err, with_careplans=args.write_back)
     except (AiblError, ValueError) as exc:
         print(f"fatal: {exc}", file=err)
         return 2
     as_of = args.as_of or dt.date.today()
+    writer = None
+    if catalogue is not None:
+        from .writeback import BulkWriter, careplans_by_patient
+
+        try:
+            writer = BulkWriter(result.client, catalogue, careplans_by_patient(result.files, result.client.base_url))
+        except AiblError as exc:
+            print(f"fatal: {exc}", file=err)
+            return 2
     paths = [result.folder]
     workers = choose_workers(paths, args.workers)
     payload = "explained" if args.explain else "contract"
+    # what the workers send back: Assessments when they are written back or shown as a table
+    wanted = payload if args.format == "json" and writer is None else "assessment"
     problems: list[AiblError] = []
     with fewer_collections():
         if workers > 1:
@@ -146,23 +162,26 @@ def run_bulk(args: argparse.Namespace, *, assessor=None, environ=None, session=N
                 paths,
                 as_of=as_of,
                 workers=workers,
-                payload=payload if args.format == "json" else "assessment",
+                payload=wanted,
                 problems=problems,
                 on_warning=lambda note: print(f"warning: {note}", file=err),
                 rules_path=args.rules,
-                one_process=lambda: one_process_items(paths, assessor, as_of, payload),
+                one_process=lambda: one_process_items(paths, assessor, as_of, wanted),
                 notice=lambda text: print(text, file=err),
             )
         else:
             items = (
                 item.payload
-                for item in _one_process(paths, assessor, as_of, payload if args.format == "json" else "assessment",
-                                         problems, err)
+                for item in _one_process(paths, assessor, as_of, wanted, problems, err)
                 if item.payload is not None
             )
+        if writer is not None:
+            items = _written(items, writer)
         worklist = Worklist() if args.worklist else None
         if worklist is not None:
             items = worklist.tee(items)
+        if args.format == "json" and wanted == "assessment":
+            items = (a.explained() if args.explain else a.contract() for a in items)
         if args.format == "json":
             write_json_array(items, out)
         else:
@@ -173,13 +192,30 @@ def run_bulk(args: argparse.Namespace, *, assessor=None, environ=None, session=N
     if worklist is not None:
         count = worklist.write_csv(args.worklist)
         print(f"worklist: {count} patients on an aromatase inhibitor with a care gap, in {args.worklist}", file=err)
+    failed = False
+    if writer is not None:
+        report = writer.report
+        for patient, reason in report.failed:
+            print(f"failed: {patient}: {reason}", file=err)
+        print(
+            f"write-back: written {report.written}, unchanged {report.unchanged}, failed {len(report.failed)} "
+            f"({report.requests} requests)",
+            file=err,
+        )
+        failed = bool(report.failed)
     print(
         f"exported {len(result.files)} files ({result.folder}) in {result.requests} requests; "
         f"assessed with ruleset {assessor.rulebook.name}; "
         f"as of {as_of}",
         file=err,
     )
-    return 1 if problems or result.errors else 0
+    return 1 if problems or result.errors or failed else 0
+
+
+def _written(assessments, writer):
+    for assessment in assessments:
+        writer.write(assessment)
+        yield assessment
 
 
 def _one_process(paths, assessor, as_of, payload, problems, err):

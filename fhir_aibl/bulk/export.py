@@ -37,6 +37,8 @@ CONSEQUENCES = {
     "or bone therapy recorded only this way is missed",
     "MedicationRequest": "prescriptions are not seen: an aromatase inhibitor, glucocorticoids or bone therapy "
     "prescribed is missed",
+    "CarePlan": "earlier fhir-aibl CarePlans are not seen: a new one is still written once (conditional "
+    "create), but an outdated one is not revoked",
     "MedicationAdministration": "administered medications (an infusion of zoledronic acid, denosumab injections) "
     "are not seen",
 }
@@ -56,6 +58,7 @@ class ExportResult:
     errors: list[str] = field(default_factory=list)  #: messages of the manifest's error files
     since: str | None = None
     requests: int = 0  #: HTTP requests to the server for the whole export (kick-off to delete)
+    client: object = None  #: the FhirClient that exported (the write-back uses it too)
 
 
 def read_state(out: Path) -> dict | None:

@@ -38,16 +38,14 @@ _READY = False
 
 def _init(args: argparse.Namespace, environ: dict | None, as_of: Any) -> None:
     global _RUNNER
-    from ..assess import RULES_DIR, Assessor
+    from ..assess import Assessor
     from ..cli import fewer_collections
     from ..fhir.command import build_client
 
     fewer_collections().__enter__()  # the command's collector thresholds, for the life of the worker
-    catalogue = None
-    if args.write_back:
-        from ..careplan import load_catalogue
+    from ..careplan import catalogue_for
 
-        catalogue = load_catalogue((args.rules.parent if args.rules else RULES_DIR) / "recommendations.yaml")
+    catalogue = catalogue_for(args.rules) if args.write_back else None
     client = build_client(args, environ=environ)
     _RUNNER = Runner(client, Assessor(args.rules), as_of=as_of, write_back=args.write_back, catalogue=catalogue)
 

@@ -115,3 +115,21 @@ def test_run_bulk_gives_what_run_all_gives(loaded_server, tmp_path):
     listed = [line.split(",")[1] for line in worklist.read_text().splitlines()[1:]]
     assert sorted(listed) == sorted(a["patient"][8:] for a in bulk.json() if gaps_of(a)) and listed
     assert state["folder"]
+
+
+def test_run_bulk_write_back_is_the_rest_write_back_and_resumable(fresh_server, tmp_path):
+    first = run_command("--fhir-base", fresh_server, "--bulk", "--out", str(tmp_path / "a"), "--as-of", AS_OF,
+                        "--write-back", "--workers", "2", "--format", "json")
+    assert first.code == 0, first.stderr
+    on_ai = [a for a in first.json() if a["ai_status"] in ("active", "planned")]
+    assert f"write-back: written {len(on_ai)}, unchanged 0, failed 0" in first.stderr
+    # what the Bulk run wrote is what a REST run would write: it finds every patient unchanged
+    rest = run_command("--fhir-base", fresh_server, "--all", "--as-of", AS_OF, "--write-back")
+    assert rest.code == 0, rest.stderr
+    assert f"patients found {len(on_ai)}, assessed 0, written 0, unchanged {len(on_ai)}, failed 0" in rest.stderr
+    # and a second Bulk run reads the CarePlans from its export and writes nothing
+    again = run_command("--fhir-base", fresh_server, "--bulk", "--out", str(tmp_path / "b"), "--as-of", AS_OF,
+                        "--write-back", "--format", "json")
+    assert again.code == 0, again.stderr
+    assert f"write-back: written 0, unchanged {len(on_ai)}, failed 0 (0 requests)" in again.stderr
+    assert again.stdout == first.stdout
