@@ -126,6 +126,13 @@ def test_a_resource_under_two_patients_is_decided_by_one_process(capsys, tmp_pat
     assert two[2].replace(two[2].splitlines()[0] + "\n", "", 1) == one[2]
 
 
+def test_the_workers_use_the_rule_file_and_mode_asked_for(capsys):
+    argv = ["assess", str(FIXTURES_DIR), "--as-of", AS_OF, "--format", "json", "--explain", "--mode", "hadji"]
+    one = run(capsys, [*argv, "--workers", "1"])
+    two = run(capsys, [*argv, "--workers", "2"])
+    assert two == one and "-hadji" in one[1]
+
+
 def test_missing_paths_are_errors_in_their_place(capsys, tmp_path):
     argv = ["assess", str(tmp_path / "nothing-here.json"), str(FIXTURES_DIR / "V06.json"), "--as-of", AS_OF, "--format", "json"]
     assert run(capsys, [*argv, "--workers", "2"]) == run(capsys, [*argv, "--workers", "1"])
