@@ -216,12 +216,16 @@ class BulkClient:
                 messages.extend(_outcome_messages(line))
         return messages
 
-    def delete(self, status_url: str) -> None:
-        """Delete the job on the server (its files too); a job already gone is fine."""
+    def delete(self, status_url: str) -> str | None:
+        """Delete the job on the server (its files too); None when done (a job already gone is fine),
+        else why not. Never raises a FhirError: the export itself is complete, this is housekeeping."""
         try:
             self.http.send("DELETE", status_url, what="DELETE export")
         except NotFound:
             pass
+        except FhirError as exc:
+            return f"the server did not delete the export job ({exc}); it keeps the files until it expires them"
+        return None
 
 
 def _json(resp: requests.Response) -> Any:

@@ -110,7 +110,10 @@ def export_to(
             result.files.append(dest)
         result.errors = client.error_messages(manifest, folder / "errors") if manifest.error else []
     finally:
-        client.delete(status)
+        not_deleted = client.delete(status)
+    if not_deleted:
+        result.warnings.append(not_deleted)
+        warn(not_deleted)
     for rtype in missing_types(types, manifest):
         text = (
             f"the export has no {rtype}: either there is none"

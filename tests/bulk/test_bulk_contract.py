@@ -181,3 +181,16 @@ def test_incremental_uses_the_last_complete_transaction_time(tmp_path):
     assert responses.calls[0].request.url.startswith(f"{BASE}/Group/g1/$export")
     assert result.since == "2026-05-01T00:00:00Z"
     assert read_state(tmp_path)["transactionTime"] == "2026-06-01T10:00:00Z"
+
+
+@responses.activate
+def test_a_refused_delete_is_a_warning_not_a_failed_export(tmp_path):
+    kickoff(responses)
+    responses.add(responses.GET, STATUS, status=200, json=manifest("Patient"))
+    responses.add(responses.GET, f"{BASE}/files/Patient.ndjson", body="")
+    responses.add(responses.DELETE, STATUS, status=403, json={"resourceType": "OperationOutcome", "issue": [
+        {"severity": "error", "code": "forbidden", "diagnostics": "scope"}]})
+    warnings = []
+    result = export_to(client(Clock()), tmp_path, level="system", types=("Patient",), warn=warnings.append)
+    assert result.files and read_state(tmp_path) is not None
+    assert len(warnings) == 1 and "did not delete the export job" in warnings[0]

@@ -133,3 +133,38 @@ def test_run_bulk_write_back_is_the_rest_write_back_and_resumable(fresh_server, 
     assert again.code == 0, again.stderr
     assert f"write-back: written 0, unchanged {len(on_ai)}, failed 0 (0 requests)" in again.stderr
     assert again.stdout == first.stdout
+
+
+def test_export_with_smart_backend_services_against_the_servers_token_endpoint(sekmet_seed, tmp_path):
+    """The server requires a SMART token on every request, the manifest says requiresAccessToken: the
+    connector's SMART authentication gets a token from the server's own token endpoint, and the
+    downloads carry it."""
+    from joserfc.jwk import ECKey
+
+    from ..fhir_server import SekmetUnavailable, sekmet_server, unavailable
+
+    key = ECKey.generate_key("P-384", private=True)
+    private = {**key.as_dict(private=True), "kid": "aibl-test", "alg": "ES384"}
+    public = {**key.as_dict(private=False), "kid": "aibl-test", "alg": "ES384"}
+    key_file = tmp_path / "client-key.json"
+    key_file.write_text(json.dumps({"keys": [private]}))
+    config = {"server_auth": {"types": ["smart"], "smart_clients": [
+        {"client_id": "fhir-aibl", "jwks": {"keys": [public]}, "scopes": "system/*.*"}]}}
+    try:
+        server = sekmet_server(tmp_path / "srv", seed=sekmet_seed.data_dir, extra_config=config)
+        base = server.__enter__()
+    except SekmetUnavailable as exc:
+        unavailable(str(exc))
+    try:
+        assert requests.get(f"{base}/Patient/v06", timeout=30).status_code == 401  # no token, no data
+        code, out, err = export("--fhir-base", base, "--out", str(tmp_path / "out"),
+                                "--smart-client-id", "fhir-aibl", "--smart-key", str(key_file))
+        assert code == 0, err
+        state = json.loads((tmp_path / "out" / "state.json").read_text())
+        assert "v06" in ndjson_ids(tmp_path / "out" / state["folder"], "Patient")
+        assert "FamilyMemberHistory.000.ndjson" in state["files"]
+        # the default scopes read and write back, not delete: this server refuses the job's DELETE,
+        # which is a warning, not a failed export
+        assert "warning: the server did not delete the export job" in err and "403" in err
+    finally:
+        server.__exit__(None, None, None)
