@@ -17,10 +17,11 @@ from typing import Any
 
 from .assessment import RISK_FACTOR_ORDER, Assessment, Finding, RulesetInfo, SelectedT
 from .engine import Derivation, Engine
-from .errors import EvaluationError, RulesError
+from .errors import AiblError, EvaluationError, NoUsableDataError, PatientMissingError
 from .facts import FactSet, extract_facts
 from .resources import RulesetPaths, ruleset_paths, shipped_rules_dir
 from .rulebook import Rulebook, load_rulebook
+from .sources import PatientRecord
 from .terminology import Terminology
 
 RULES_DIR = shipped_rules_dir()
@@ -74,6 +75,36 @@ class Assessor:
         facts = extract_facts(patient_ref, resources, as_of, self.terminology)
         derivation = self.engine.evaluate(facts.facts)
         return Result(build_assessment(patient_ref, as_of, derivation, self.rulebook, self.ruleset_info), facts)
+
+
+def assess_record(assessor: Assessor, record: PatientRecord, as_of: dt.date) -> Result:
+    """One reader record, assessed; an `AiblError` names the record's files and patient.
+
+    A record with nothing the rules can read is a `NoUsableDataError`, not an assessment.
+    The one definition of what a run does with a record, whichever process runs it.
+    """
+    source = ", ".join(record.sources)
+    try:
+        result = assessor.assess(record.patient_ref, record.resources, as_of)
+    except AiblError as exc:
+        exc.source = exc.source or source
+        exc.resource = exc.resource or record.patient_ref
+        raise
+    if not result.facts.facts:
+        raise NoUsableDataError(
+            "nothing to assess: no Patient and no recognised Observation, medication or Condition",
+            source=source,
+            resource=record.patient_ref,
+        )
+    return result
+
+
+def record_problems(result: Result, record: PatientRecord) -> list[AiblError]:
+    """What a run must report of an assessed record although it was assessed: a record without a
+    usable Patient (age unknown) is printed and named as an error (exit 1), whichever process ran it."""
+    if result.patient_missing:
+        return [PatientMissingError(PATIENT_MISSING, source=", ".join(record.sources), resource=record.patient_ref)]
+    return []
 
 
 def _in_stage_order(rulebook: Rulebook, rule_ids: list[str]) -> list[str]:

@@ -586,3 +586,10 @@ def transaction_bundle(pairs: Iterable[tuple[RiskAssessment, CarePlan]]) -> Bund
             seen.add(entry.fullUrl)
             entries.append(entry)
     return Bundle(type="transaction", entry=entries or None)
+
+
+def catalogue_for(rules_path: Path | None) -> Catalogue:
+    """The recommendation catalogue beside a rule file (default: the shipped one)."""
+    from .assess import RULES_DIR
+
+    return load_catalogue((Path(rules_path).parent if rules_path else RULES_DIR) / "recommendations.yaml")

@@ -25,10 +25,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import __version__
-from .assess import PATIENT_MISSING, Assessor, Result
+from .assess import Assessor, Result, assess_record, record_problems
 from .assessment import Assessment
-from .errors import AiblError, NoUsableDataError, PatientMissingError
+from .errors import AiblError, PatientMissingError
+from .report.worklist import Worklist
 from .resources import RULES_HELP, examples_dir
+
 from .sources import PatientRecord, iter_records
 
 #: The worked examples shipped with the package (the repository's fixtures/bundles).
@@ -55,9 +57,15 @@ EXIT_DOC = """exit status:
   2  nothing could run (bad arguments, a ruleset that does not load, the folder cannot be written)"""
 EXIT_RUN = """exit status:
   0  every patient done
-  1  some patient failed (every other patient done)
-  2  nothing could run (bad arguments or settings, server unreachable, credentials refused at
-     the start, no population search on this server profile)"""
+  1  some patient failed, or was assessed without a usable Patient (every other patient done)
+  2  the run itself failed: nothing could run (bad arguments or settings, server unreachable,
+     credentials refused, capabilities unreadable, no population search on this server profile),
+     or it stopped before every patient was attempted"""
+EXIT_EXPORT = """exit status:
+  0  the export was downloaded whole
+  1  the export finished with errors (the manifest's error files, a file that could not be had)
+  2  nothing could run (bad arguments or settings, server unreachable, credentials refused,
+     the export refused or not finished before its deadline)"""
 EXIT_SERVE = """exit status:
   0  clean stop (Ctrl-C, SIGTERM)
   2  the service cannot start (a settings file that does not load or validate, a ruleset that
@@ -72,6 +80,17 @@ def _sub(sub: Any, name: str, help: str, epilog: str) -> argparse.ArgumentParser
         name, help=help, description=help[0].upper() + help[1:] + ".", epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"not a positive whole number: {text!r}")
+    return value
+
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -108,6 +127,20 @@ def _parser() -> argparse.ArgumentParser:
     assess.add_argument(
         "--explain", action="store_true", help="with --format json: add as_of, ruleset and the rules and evidence of every finding"
     )
+    assess.add_argument(
+        "--worklist",
+        type=Path,
+        default=None,
+        metavar="CSV",
+        help="also write the bone-health worklist: patients on an aromatase inhibitor with a care gap, most urgent first",
+    )
+    assess.add_argument(
+        "--workers",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="worker processes (default: one per core for inputs of 8 MB or more, else 1); same output for any N",
+    )
 
     rules = _sub(sub, "rules", "review the ruleset as a whole",
                  "exit status: see `fhir-aibl rules check --help` and `fhir-aibl rules doc --help`")
@@ -127,7 +160,10 @@ def _parser() -> argparse.ArgumentParser:
 
     run = _sub(sub, "run", "assess patients on a FHIR server, optionally writing CarePlans back", EXIT_RUN)
     fhir_command.add_arguments(run)
+    export = _sub(sub, "export", "export patients' data with FHIR Bulk Data ($export) into a folder", EXIT_EXPORT)
+    fhir_command.add_arguments(export, run=False)
     serve = _sub(sub, "serve", "serve AIBL decision support to EHRs as a CDS Hooks 2.0 service", EXIT_SERVE)
+
     cds_command.add_arguments(serve)
     from . import synth
 
@@ -165,28 +201,15 @@ def iter_assessments(
         if isinstance(item, AiblError):
             problems.append(item)
             continue
-        source = ", ".join(item.sources)
         try:
-            result = assessor.assess(item.patient_ref, item.resources, as_of)
+            result = assess_record(assessor, item, as_of)
         except AiblError as exc:
-            exc.source = exc.source or source
-            exc.resource = exc.resource or item.patient_ref
             problems.append(exc)
-            continue
-        if not result.facts.facts:
-            problems.append(
-                NoUsableDataError(
-                    "nothing to assess: no Patient and no recognised Observation, medication or Condition",
-                    source=source,
-                    resource=item.patient_ref,
-                )
-            )
             continue
         for note in result.facts.problems:
             _err(f"warning: {note}")
-        if result.patient_missing:
-            # Still assessed and printed, but the run must say the record is incomplete (exit 1).
-            problems.append(PatientMissingError(PATIENT_MISSING, source=source, resource=item.patient_ref))
+        # still assessed and printed, but the run must say the record is incomplete (exit 1)
+        problems.extend(record_problems(result, item))
         yield result
 
 
@@ -228,22 +251,27 @@ def format_table(assessments: Sequence[Assessment]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def fhir_bundle_json(results: Sequence[Result | Assessment], catalogue_path: Path | None = None) -> str:
-    """The assessments as a transaction Bundle, with the texts of the ruleset's own catalogue
-    (`Assessor.paths.catalogue`; None: the shipped one). Given the `Result`s, the texts name the
-    patient's own values (from the facts); given bare assessments, only what the assessment says."""
-    from .careplan import build_resources, load_catalogue, transaction_bundle
+def with_careplans(
+    assessor: Assessor, records: Iterable[PatientRecord | AiblError], as_of: dt.date, problems: list[AiblError]
+) -> Iterator[tuple[Result, tuple[Any, Any]]]:
+    """Each result with its (RiskAssessment, CarePlan), built while the patient's resources are at
+    hand, so that the text names the patient's own values with their dates; the texts come from the
+    ruleset's own catalogue (`Assessor.paths.catalogue`)."""
+    from .careplan import build_resources, load_catalogue
     from .clinician_text import PatientValues
-    from .resources import ruleset_paths
 
-    catalogue = load_catalogue(catalogue_path or ruleset_paths().catalogue)
-    pairs = [
-        build_resources(r.assessment, catalogue, values=PatientValues(r.assessment, r.facts))
-        if isinstance(r, Result)
-        else build_resources(r, catalogue)
-        for r in results
-    ]
-    bundle = transaction_bundle(pairs)
+    catalogue = load_catalogue(assessor.paths.catalogue)
+    for item in records:
+        for result in iter_assessments(assessor, [item], as_of, problems):
+            values = PatientValues(result.assessment, result.facts, item.resources)  # type: ignore[union-attr]
+            yield result, build_resources(result.assessment, catalogue, values=values)
+
+
+def fhir_bundle_json(pairs: Sequence[tuple[Any, Any]]) -> str:
+    """The (RiskAssessment, CarePlan) pairs as a transaction Bundle."""
+    from .careplan import transaction_bundle
+
+    bundle = transaction_bundle(list(pairs))
     return json.dumps(json.loads(bundle.model_dump_json(exclude_none=True)), indent=2)
 
 
@@ -274,31 +302,59 @@ def _assess_command(args: argparse.Namespace) -> int:
 def _assess(args: argparse.Namespace) -> int:
     as_of = args.as_of or dt.date.today()
     assessor = Assessor(args.rules, mode=args.mode)
-    records = iter_records(args.paths, terminology=assessor.terminology)
     if args.format == "html":
-        return _assess_html(args, assessor, records, as_of)
+        return _assess_html(args, assessor, iter_records(args.paths, terminology=assessor.terminology), as_of)
+    from .population import choose_workers
+
+    workers = choose_workers(args.paths, args.workers)
+
     if args.format == "json":
         # Streamed: one patient's result at a time, so memory does not grow with the input.
         # The errors follow the output on stderr instead of preceding it; both streams hold
         # what they held before.
         problems: list[AiblError] = []
-        results = iter_assessments(assessor, records, as_of, problems)
-        write_json_array((r.assessment.explained() if args.explain else r.assessment.contract() for r in results), sys.stdout)
+        if workers > 1:
+            outputs = _population(args, assessor, as_of, workers, "explained" if args.explain else "contract", problems)
+        else:
+            results = iter_assessments(assessor, iter_records(args.paths, terminology=assessor.terminology), as_of, problems)
+            outputs = (r.assessment.explained() if args.explain else r.assessment.contract() for r in results)
+        worklist = Worklist() if args.worklist else None
+        write_json_array(worklist.tee(outputs) if worklist else outputs, sys.stdout)
         for problem in problems:
             _err(f"error: {problem}")
+        _write_worklist(worklist, args.worklist)
         return 1 if problems else 0
-    results_list, problems = run_assessments(assessor, records, as_of)
-    assessments = [r.assessment for r in results_list]
+    if workers > 1 and args.format != "fhir":
+        problems = []
+        assessments = list(_population(args, assessor, as_of, workers, "assessment", problems))
+    elif args.format == "fhir":  # the CarePlans' text names the patient's values, from the facts and resources
+        problems = []
+        made = list(with_careplans(assessor, iter_records(args.paths, terminology=assessor.terminology), as_of, problems))
+        assessments = [result.assessment for result, _pair in made]
+    else:
+        results_list, problems = run_assessments(assessor, iter_records(args.paths, terminology=assessor.terminology), as_of)
+        assessments = [r.assessment for r in results_list]
     for problem in problems:
         _err(f"error: {problem}")
     if args.format == "fhir":
-        print(fhir_bundle_json(results_list, assessor.paths.catalogue))
+        print(fhir_bundle_json([pair for _result, pair in made]))
     else:
         print(format_table(assessments))
         incomplete = sum(isinstance(p, PatientMissingError) for p in problems)
         rejected = f"{len(problems) - incomplete} rejected" + (f", {incomplete} without a usable Patient" if incomplete else "")
         print(f"\n{len(assessments)} assessed, {rejected}; ruleset {assessor.rulebook.name}; as of {as_of}")
+    if args.worklist:
+        worklist = Worklist()
+        for assessment in assessments:
+            worklist.add(assessment)
+        _write_worklist(worklist, args.worklist)
     return 1 if problems else 0
+
+
+def _write_worklist(worklist: Worklist | None, path: Path | None) -> None:
+    if worklist is not None and path is not None:
+        count = worklist.write_csv(path)
+        _err(f"worklist: {count} patients on an aromatase inhibitor with a care gap, in {path}")
 
 
 def _assess_html(args: argparse.Namespace, assessor: Assessor, records: Any, as_of: dt.date) -> int:
@@ -320,18 +376,38 @@ def demo_paths(extra: Sequence[Path] = ()) -> list[Path]:
     return [FIXTURES_DIR, *extra]
 
 
+def _population(
+    args: argparse.Namespace, assessor: Assessor, as_of: dt.date, workers: int, payload: str, problems: list[AiblError]
+) -> Iterator[Any]:
+    """The patients' payloads from worker processes (fhir_aibl/population): what one process gives, in its order."""
+    from .population import assess_population, one_process_items
+
+    return assess_population(
+        args.paths,
+        as_of=as_of,
+        workers=workers,
+        payload=payload,
+        problems=problems,
+        on_warning=lambda note: _err(f"warning: {note}"),
+        rules_path=args.rules,
+        mode=args.mode,
+        one_process=lambda: one_process_items(args.paths, assessor, as_of, payload),
+    )
+
+
 def _demo_command(args: argparse.Namespace) -> int:
     assessor = Assessor(args.rules)
     paths = demo_paths(args.paths)
-    results, problems = run_assessments(assessor, iter_records(paths, terminology=assessor.terminology), args.as_of)
-    assessments = [r.assessment for r in results]
+    problems: list[AiblError] = []
+    made = list(with_careplans(assessor, iter_records(paths, terminology=assessor.terminology), args.as_of, problems))
+    assessments = [result.assessment for result, _pair in made]
     print(f"fhir-aibl demo: {', '.join(str(p) for p in paths)}; as of {args.as_of}; ruleset {assessor.rulebook.name}\n")
     print(format_table(assessments))
     for problem in problems:
         _err(f"error: {problem}")
     args.out.mkdir(parents=True, exist_ok=True)
     fhir_path = args.out / "careplans-bundle.json"
-    fhir_path.write_text(fhir_bundle_json(results, assessor.paths.catalogue) + "\n")
+    fhir_path.write_text(fhir_bundle_json([pair for _result, pair in made]) + "\n")
     json_path = args.out / "assessments.json"
     json_path.write_text(json.dumps([a.explained() for a in assessments], indent=2) + "\n")
     print(f"\n{len(assessments)} patients assessed, {len(problems)} inputs rejected.")
@@ -373,6 +449,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .fhir import command as fhir_command
 
             return fhir_command.run(args)
+        if args.command == "export":
+            from .bulk.command import run_export
+
+            return run_export(args)
         if args.command == "serve":
             from .cds import command as cds_command
 

@@ -51,6 +51,17 @@ PLACEHOLDERS: dict[str, str] = {
     "frax": "a FRAX result is on record",
 }
 
+#: Without the facts (an assessment alone), a value cannot be said to be missing: it is named, not denied.
+WITHOUT_FACTS: dict[str, str] = {
+    "last_dxa": "the DXA on record",
+    "crcl": "creatinine clearance as recorded",
+    "egfr": "eGFR as recorded",
+    "renal": "kidney function as recorded",
+    "calcium": "calcium as recorded",
+    "vitamin_d": "25-OH vitamin D as recorded",
+    "denosumab": "the last denosumab injection as recorded",
+}
+
 CATEGORY_WORDS = {
     "high": "High risk of bone loss",
     "moderate": "Moderate risk of bone loss",
@@ -299,7 +310,8 @@ class PatientValues:
 
     def phrases(self) -> dict[str, str]:
         if self._phrases is None:
-            self._phrases = {name: (getattr(self, name)() or fallback) for name, fallback in PLACEHOLDERS.items()}
+            fallbacks = PLACEHOLDERS if self.facts is not None else {**PLACEHOLDERS, **WITHOUT_FACTS}
+            self._phrases = {name: (getattr(self, name)() or fallback) for name, fallback in fallbacks.items()}
         return self._phrases
 
     def headline(self) -> str:

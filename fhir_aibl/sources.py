@@ -265,6 +265,11 @@ def iter_records(
 # --------------------------------------------------------------------------- paths and files
 
 
+def expand_paths(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str]) -> Iterator[Path]:
+    """The files `iter_records` reads for `paths`, in the order it reads them (directories expanded)."""
+    return _expand(paths)
+
+
 def _expand(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str]) -> Iterator[Path]:
     if isinstance(paths, (str, os.PathLike)):  # one path, not an iterable of characters
         paths = [paths]
@@ -308,10 +313,20 @@ def _read_file(path: Path, grouping: _Spool) -> Iterator[InputError]:
     yield from _read_object(obj, source, source, grouping)
 
 
-def _read_ndjson(path: Path, source: str, grouping: _Spool) -> Iterator[InputError]:
+def _read_ndjson(
+    path: Path, source: str, grouping: _Spool, start_at: int = 0, end_at: int | None = None, first_line: int = 1
+) -> Iterator[InputError]:
+    """Index the lines of an NDJSON file; with `start_at`/`end_at`, only the lines that begin in that byte range.
+
+    A range begins at the start of a line, `first_line` being its number (the population
+    runner reads one file in several ranges, each in its own process: fhir_aibl/population).
+    """
     with path.open("rb") as fh:
-        offset = 0
-        for lineno, line in enumerate(fh, start=1):
+        fh.seek(start_at)
+        offset = start_at
+        for lineno, line in enumerate(fh, start=first_line):
+            if end_at is not None and offset >= end_at:
+                break
             start = offset
             offset += len(line)
             if lineno == 1 and line.startswith(_BOM):

@@ -111,9 +111,9 @@ def test_serve_rules_moves_the_ruleset(tmp_path, moved_rules):
     parser = argparse.ArgumentParser()
     cds_command.add_arguments(parser)
     config = tmp_path / "cds.yaml"
-    config.write_text(f"feedback: {{database: {tmp_path / 'f.sqlite3'}}}\n")
+    config.write_text(f"public_base_url: https://cds.example.org\nfeedback: {{database: {tmp_path / 'f.sqlite3'}}}\n")
     served = []
-    args = parser.parse_args(["--config", str(config), "--rules", str(moved_rules)])
+    args = parser.parse_args(["--config", str(config), "--rules", str(moved_rules), "--workers", "1"])
     assert cds_command.run(args, serve=lambda app, **kw: served.append(app)) == 0
     service = served[0].state.cds
     try:

@@ -66,7 +66,8 @@ def _positive(kind: type):
     return parse
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, *, run: bool = True) -> None:
+    """The options of `run`; with `run=False` (`fhir-aibl export`) no patient selection is required."""
     # No abbreviations: `--token SECRET` must be refused, not taken for `--token-file SECRET`.
     parser.allow_abbrev = False
     defaults = ClientSettings()
@@ -74,7 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fhir-base", required=True, metavar="URL", help="FHIR R4 base URL, e.g. https://ehr.example/fhir/R4"
     )
-    who = parser.add_mutually_exclusive_group(required=True)
+    # Not required by argparse: --group, which may go with --bulk, is outside the group (run_selection_problem)
+    who = parser.add_mutually_exclusive_group()
     who.add_argument("--patient", nargs="+", metavar="ID", help="assess these patients (Patient ids)")
     who.add_argument(
         "--all",
@@ -82,10 +84,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="assess every patient with an active or intended aromatase-inhibitor medication "
         "(a search by code, and through the referenced Medication where the server allows it)",
     )
-    who.add_argument(
-        "--group", metavar="ID", default=None, help="assess the members of this FHIR Group (e.g. an oncology registry)"
-    )
     who.add_argument("--patients-file", type=Path, metavar="FILE", default=None, help="assess the patients listed, one id per line")
+    from ..bulk.command import add_bulk_arguments
+
+    # --group (the members of a FHIR Group) is with the Bulk options: over REST on its own, or
+    # exported at Group level with --bulk
+    add_bulk_arguments(parser, who if run else None)
+
     parser.add_argument("--as-of", type=_date, default=None, help="reference date (default: today)")
     parser.add_argument(
         "--write-back",
@@ -153,6 +158,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_positive(int),
         default=defaults.max_pages,
         help=f"pages per search (default: {defaults.max_pages})",
+    )
+    parser.add_argument(
+        "--workers",
+        type=_positive(int),
+        default=None,
+        metavar="N",
+        help="patients in flight at once, each in a worker process of its own (default: 1); the same outcomes",
     )
     parser.add_argument(
         "--progress",
@@ -247,6 +259,14 @@ def build_client(args: argparse.Namespace, *, session=None, environ=None) -> Fhi
     return FhirClient(args.fhir_base, settings=settings, profile=profile, auth=auth, session=session)
 
 
+def _workers(args: argparse.Namespace, session) -> int:
+    """--workers (default 1: one request at a time is what a hospital's server is least likely to
+    throttle; more is the operator's choice); 1 with a `session` seam, which stays in this process."""
+    if session is not None or args.workers is None:
+        return 1
+    return args.workers
+
+
 def summary(report: RunReport, *, write_back: bool) -> list[str]:
     notes = Counter(o.note for o in report.outcomes if o.status == "written" and o.note)
     lines = [
@@ -285,6 +305,20 @@ def summary(report: RunReport, *, write_back: bool) -> list[str]:
     return lines
 
 
+def run_selection_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the choice of patients, if anything: exactly one of --patient, --all,
+    --patients-file, --group, --bulk (which --group may accompany: a Group-level export)."""
+    chosen = [name for name, given in (
+        ("--patient", bool(args.patient)), ("--all", bool(args.all)),
+        ("--patients-file", getattr(args, "patients_file", None) is not None), ("--bulk", bool(getattr(args, "bulk", False))),
+    ) if given]
+    if not chosen and args.group is None:
+        return "choose the patients: --patient ID..., --all, --group ID, --patients-file FILE or --bulk"
+    if args.group is not None and chosen and chosen != ["--bulk"]:
+        return f"--group cannot be combined with {chosen[0]} (with --bulk it exports the Group)"
+    return None
+
+
 def _not_attempted(args: argparse.Namespace, why: str) -> RunReport:
     """The report of a run that could not start: each patient asked for, failed, not attempted."""
     report = RunReport(stopped=why)
@@ -320,6 +354,15 @@ def run(
     client: FhirClient | None = None
     as_of = args.as_of or dt.date.today()
     try:
+        problem = run_selection_problem(args)
+        if problem:
+            print(f"fatal: {problem}", file=err)
+            return 2
+        if getattr(args, "bulk", False):
+            from ..bulk.command import run_bulk
+
+            return run_bulk(args, assessor=assessor, environ=environ, session=session, stdout=out, stderr=err)
+
         try:
             if assessor is None or args.rules is not None:
                 assessor = Assessor(args.rules)
@@ -332,6 +375,7 @@ def run(
         except AiblError as exc:
             print(f"fatal: {exc}", file=err)
             report = _not_attempted(args, "the run could not start")
+
         else:
             population = args.all or args.group is not None or args.patients_file is not None
             show = args.progress == "always" or (args.progress == "auto" and population and err.isatty())
@@ -339,6 +383,11 @@ def run(
             runner = Runner(
                 client, assessor, as_of=as_of, write_back=args.write_back, catalogue=catalogue, on_progress=progress
             )
+            workers = _workers(args, session)
+            if workers > 1:
+                from ..population.pulls import ParallelPatients
+
+                runner.parallel = lambda ids: ParallelPatients(args, environ, as_of, ids, workers)
             try:
                 if args.patients_file is not None:
                     from .population import read_patients_file

@@ -174,13 +174,15 @@ class Http:
         what: str = "",
         retry_statuses: frozenset[int] | None = None,
         read: Callable[[requests.Response], Any] | None = None,
+        stream: bool = False,
     ) -> Any:
         """Send one request (with retries); return a 2xx response, or what `read` makes of it,
         or raise a typed FhirError.
 
         `retry_statuses`: the statuses retried (default `RetrySettings.statuses`). `read` turns a
         2xx answer into its value, raising BadResponse when it is unusable: that is a failure of
-        the exchange, retried like a transport failure when the request is idempotent."""
+        the exchange, retried like a transport failure when the request is idempotent. `stream`:
+        the body of a 2xx answer is left unread for the caller to stream (a Bulk Data download)."""
         method = method.upper()
         url = self.url(path_or_url)
         what = what or method
@@ -208,6 +210,7 @@ class Http:
                     headers=request_headers,
                     timeout=(self.settings.connect_timeout, self.settings.read_timeout),
                     allow_redirects=False,
+                    stream=stream,
                 )
             except requests.Timeout as exc:
                 error: FhirError = RequestTimeout(

@@ -46,7 +46,7 @@ from ..sources import RELEVANT_TYPES
 from ..terminology import Terminology, default_terminology
 from ..validation import ValidationMemo, model_for, needs_validation
 from .client import FhirClient, SearchSpec, entry_status
-from .errors import ConfigError, CrossPatient, FhirError, NotFound, NotSupported, ServerError, server_error
+from .errors import ConfigError, CrossPatient, NotFound, NotSupported, ServerError, server_error
 
 log = logging.getLogger("fhir_aibl.fhir")
 

@@ -13,7 +13,9 @@ the patient is reported `written`, "confirmed after a lost response", not `uncha
 Anything unexpected while processing one patient (a server answer of a shape nobody
 foresaw, a bug) fails that patient with the error's name, never the run. Patients are
 processed one after another: the engine serialises evaluations anyway, and one request
-at a time is what a hospital's FHIR server is least likely to throttle.
+at a time is what a hospital's FHIR server is least likely to throttle. With `parallel`
+(`run --workers N`, fhir_aibl/population/pulls.py) N patients are in flight in worker
+processes, each with its own engine, and their outcomes are taken in the same order.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from ..clinician_text import PatientValues
 from ..assess import PATIENT_MISSING, Assessor
@@ -141,6 +143,9 @@ class Runner:
         self.on_progress = on_progress
         self.puller = Puller(client, careplans=write_back, terminology=assessor.terminology)
         self._modes: WriteModes | None = None
+        #: given the run's patient ids, where their outcomes come from instead of `process` in this
+        #: process (fhir_aibl/population/pulls.py: worker processes); None: here, one at a time
+        self.parallel: Callable[[list[str]], Any] | None = None
 
     @property
     def modes(self) -> WriteModes:
@@ -173,16 +178,30 @@ class Runner:
         else:
             ids = list(dict.fromkeys(patient_ids))
         report.setup_requests = self.client.stats.requests - before
+        parallel = self.parallel(ids) if self.parallel is not None and ids else None
+        try:
+            self._run_each(ids, report, parallel)
+        finally:
+            if parallel is not None:
+                parallel.close()
+        report.warnings.extend(self.puller.warnings_once)
+        if parallel is not None:
+            report.warnings.extend(w for w in parallel.warnings if w not in report.warnings)
+        return report
+
+    def _run_each(self, ids: list[str], report: RunReport, parallel: Any) -> None:
         stop_reason = ""
         outages = 0
         for done, pid in enumerate(ids, start=1):
             if stop_reason:
+                # in flight in a worker when the run stopped: finished, so reported as it ended
+                settled = parallel.settle(pid) if parallel is not None else None
                 report.outcomes.append(
-                    PatientOutcome(patient_id=pid, status="failed", reason=f"not attempted: {stop_reason}")
+                    settled or PatientOutcome(patient_id=pid, status="failed", reason=f"not attempted: {stop_reason}")
                 )
                 continue
             try:
-                outcome = self.process(pid)
+                outcome = self.process(pid) if parallel is None else parallel.outcome(pid)
             except AuthError as exc:
                 # Credentials refused mid-run (revoked, expired key): every later patient would fail
                 # the same way, so they are not attempted; what is done stays done and is reported.
@@ -195,9 +214,7 @@ class Runner:
                 stop_reason = f"the server was unreachable or unavailable for {outages} patients in a row"
             if self.on_progress:
                 self.on_progress(done, len(ids))
-        report.warnings.extend(self.puller.warnings_once)
         report.stopped = stop_reason
-        return report
 
     def process(self, patient_id: str) -> PatientOutcome:
         """Pull, assess and (optionally) write one patient; every failure ends in the outcome,

@@ -22,16 +22,11 @@ from typing import Any
 
 from ..assessment import Assessment, Finding
 from ..careplan import Catalogue
+from ..clinician_text import RISK_FACTOR_WORDS, SITE_WORDS, capitalised
 from ..facts import FactSet, parse_date
 
-SITE_TEXT = {
-    "LS": "lumbar spine",
-    "TH": "total hip",
-    "FN": "femoral neck",
-    "FEMUR": "femur",
-    "FA": "forearm",
-    "CALC": "calcaneus",
-}
+#: Sites and risk factors in the clinician layer's words (one source for cards, CarePlans and this view).
+SITE_TEXT = SITE_WORDS
 MEASURE_TEXT = {"T": "T", "Z": "Z", "BMD": "BMD"}
 CATEGORY_TEXT = {
     "high": "High risk",
@@ -40,16 +35,7 @@ CATEGORY_TEXT = {
     "indeterminate": "Risk not yet known",
     "not-applicable": "No risk category",
 }
-RISK_FACTOR_TEXT = {
-    "age-over-65": "Age over 65",
-    "low-bmi": "Low body-mass index (below 20)",
-    "parental-hip-fracture": "A parent had a hip fracture",
-    "glucocorticoids": "Oral glucocorticoids for more than 6 months",
-    "smoking": "Smoking (current or former)",
-    "alcohol": "Alcohol, 3 or more units a day",
-    "rheumatoid-arthritis": "Rheumatoid arthritis",
-    "hypogonadism-or-premature-menopause": "Hypogonadism or premature menopause",
-}
+RISK_FACTOR_TEXT = {code: capitalised(words) for code, words in RISK_FACTOR_WORDS.items()}
 AI_TEXT = {
     "active": "taking an aromatase inhibitor",
     "planned": "about to start an aromatase inhibitor",
@@ -57,7 +43,9 @@ AI_TEXT = {
     "none": "not taking an aromatase inhibitor",
 }
 #: Recommendations that start or change a bone drug: the safety gates apply to them.
-MEDICATION_RECS = ("oral-bp", "potent-ar", "za-4mg-q6m", "switch-iv")
+MEDICATION_RECS = (
+    "oral-bp", "potent-ar", "potent-ar-osteoporosis", "za-4mg-q6m", "switch-iv", "switch-iv-osteoporosis", "dmab-transition",
+)
 #: Flags the safety gates raise (their rule text says what is blocked and what remains).
 GATE_FLAGS = ("crcl-below-35", "crcl-below-30", "za-dose-reduction", "denosumab-ckd-mbd", "egfr-fallback", "hypocalcaemia", "vitamin-d-repletion")
 LAB_TEXT = {
@@ -287,7 +275,7 @@ def _dxa_points(facts: FactSet, by_ref: Mapping[str, Mapping[str, Any]], assessm
     return points
 
 
-FRACTURE_SITE_TEXT = {"hip": "hip", "vertebral": "spine (vertebral)", "wrist": "wrist"}
+FRACTURE_SITE_TEXT = {"hip": "hip", "vertebral": "spine (vertebral)", "wrist": "wrist", "humerus": "upper arm (humerus)"}
 
 
 def _also_deciding(assessment: Assessment, facts: FactSet) -> list[str]:

@@ -522,6 +522,7 @@ def test_clinician_text_helpers(assessor):
     # Without the resources (the command's CarePlan): the values, without a date.
     undated = PatientValues(result.assessment, result.facts).phrases()
     assert undated["crcl"] == "creatinine clearance 28 mL/min" and undated["score"] == "T-score -2.6 at the lumbar spine"
-    # Without facts: what the assessment holds, and plain words for what is not on record.
+    # Without facts: what the assessment holds; a value it cannot see is named, never said to be missing.
     bare = PatientValues(result.assessment).phrases()
-    assert bare["crcl"] == "creatinine clearance not on record"
+    assert bare["crcl"] == "creatinine clearance as recorded"
+    assert PatientValues(result.assessment, result.facts).phrases()["crcl"] != "creatinine clearance not on record"

@@ -75,8 +75,8 @@ def test_a_post_that_creates_is_not_sent_again_after_a_cut_off_answer():
 @pytest.mark.parametrize(
     ("body", "problem"),
     [
-        ("<html><body>502 Bad Gateway</body></html>", "the server's answer is not JSON"),
-        ('{"resourceType": "Patient", "id": "p1"', "the server's answer is not JSON"),  # cut short, no length
+        ("<html><body>502 Bad Gateway</body></html>", "the server's answer is not valid FHIR JSON"),
+        ('{"resourceType": "Patient", "id": "p1"', "the server's answer is not valid FHIR JSON"),  # cut short, no length
         ('{"hello": "world"}', "the server answered an object without resourceType, not a Patient"),
         ('["Patient"]', "the server answered list, not a Patient"),
         ('{"resourceType": "OperationOutcome"}', "the server answered OperationOutcome, not a Patient"),

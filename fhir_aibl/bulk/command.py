@@ -1,0 +1,233 @@
+"""`fhir-aibl export` and `fhir-aibl run --bulk`: a FHIR Bulk Data export, and an assessment of it.
+
+    fhir-aibl export --fhir-base URL [--group ID | --level system|patient] [--out DIR] [--since INSTANT | --incremental]
+    fhir-aibl run --bulk --fhir-base URL [--group ID] [--out DIR] [--format table|json] [--workers N]
+                 [--write-back] [--worklist CSV]
+
+Both take the connection options of `run` (authentication, timeouts, retries). `export`
+writes NDJSON files and `state.json` into the output folder and prints where;
+`run --bulk` exports, then assesses the files exactly as `fhir-aibl assess` assesses them
+(the same output, in the same order), on `--workers` processes, and with `--write-back`
+writes them back (bulk/writeback.py).
+
+Exit status: 0 when everything was exported (and assessed, and written back); 1 when the
+server reported errors in the manifest's error files, some input was rejected or a write
+failed; 2 when nothing could run
+(bad options, the server refused or failed the export, a download failed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+from pathlib import Path
+from typing import TextIO
+
+from ..errors import AiblError
+
+DEFAULT_OUT = Path("out/bulk")
+
+
+def add_bulk_arguments(parser: argparse.ArgumentParser, who: argparse._MutuallyExclusiveGroup | None) -> None:
+    """The Bulk Data options; `who` is run's patient selection, which gets `--bulk`."""
+    if who is not None:
+        who.add_argument(
+            "--bulk",
+            action="store_true",
+            help="export the population with FHIR Bulk Data ($export), then assess the files (docs/bulk.md)",
+        )
+    bulk = parser.add_argument_group("FHIR Bulk Data export (export, run --bulk)")
+    bulk.add_argument(
+        "--group", metavar="ID", default=None,
+        help="the members of FHIR Group/ID (e.g. an oncology registry): run assesses them over REST, or with --bulk "
+        "exports the Group (export: a Group-level export)",
+    )
+    bulk.add_argument(
+        "--level",
+        choices=("system", "patient"),
+        default="system",
+        help="without --group: [base]/$export (system, default) or [base]/Patient/$export",
+    )
+    bulk.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
+    bulk.add_argument("--since", default=None, metavar="INSTANT", help="_since: only what changed after this instant")
+    bulk.add_argument(
+        "--incremental",
+        action="store_true",
+        help="_since = the transaction time of the last complete export in --out (its state.json)",
+    )
+    bulk.add_argument(
+        "--type-filter", action="append", default=[], metavar="QUERY",
+        help="_typeFilter, e.g. Observation?status=final; repeat for several (default: none)"
+    )
+    bulk.add_argument(
+        "--worklist", type=Path, default=None, metavar="CSV", help="run --bulk: also write the bone-health worklist"
+    )
+    bulk.add_argument(
+        "--export-deadline", type=float, default=3600.0, metavar="S", help="give up waiting after S seconds (default: 3600)"
+    )
+
+
+def _level(args: argparse.Namespace) -> str:
+    return "group" if args.group else args.level
+
+
+def _export(args: argparse.Namespace, *, environ, session, err: TextIO, with_careplans: bool = False):
+    from ..fhir.command import build_client
+    from .client import BulkClient, PollSettings
+    from .export import RULE_TYPES, export_to
+
+    client = build_client(args, session=session, environ=environ)
+    bulk = BulkClient(
+        client.http,
+        poll=PollSettings(deadline=args.export_deadline),
+        on_progress=lambda text: None,
+    )
+    result = export_to(
+        bulk,
+        args.out,
+        level=_level(args),
+        group=args.group,
+        types=RULE_TYPES + (("CarePlan",) if with_careplans else ()),
+        since=args.since,
+        incremental=args.incremental,
+        type_filters=tuple(args.type_filter),
+        warn=lambda text: print(f"warning: {text}", file=err),
+    )
+    result.requests = client.http.stats.requests
+    result.client = client
+    for message in result.errors:
+        print(f"error: export: {message}", file=err)
+    return result
+
+
+def run_export(args: argparse.Namespace, *, environ=None, session=None, stdout: TextIO | None = None,
+               stderr: TextIO | None = None) -> int:
+    out, err = stdout or sys.stdout, stderr or sys.stderr
+    try:
+        result = _export(args, environ=environ, session=session, err=err)
+    except (AiblError, ValueError) as exc:
+        print(f"fatal: {exc}", file=err)
+        return 2
+    print(f"exported {len(result.files)} files to {result.folder} in {result.requests} requests", file=out)
+    for path in result.files:
+        print(f"  {path.name}", file=out)
+    print(
+        f"transaction time {result.manifest.transaction_time}"
+        + (f"; changes since {result.since}" if result.since else "")
+        + f"; state in {args.out / 'state.json'}",
+        file=out,
+    )
+    return 1 if result.errors else 0
+
+
+def run_bulk(args: argparse.Namespace, *, assessor=None, environ=None, session=None, stdout: TextIO | None = None,
+             stderr: TextIO | None = None) -> int:
+    """Export, then assess the export's files as `fhir-aibl assess` does."""
+    out, err = stdout or sys.stdout, stderr or sys.stderr
+    if args.since or args.incremental:
+        print(
+            "fatal: run --bulk assesses a whole export; --since and --incremental are for fhir-aibl export", file=err
+        )
+        return 2
+    from ..assess import Assessor
+    from ..cli import fewer_collections, format_table, write_json_array
+    from ..population import assess_population, choose_workers, one_process_items
+    from ..report.worklist import Worklist
+
+    try:
+        if assessor is None or args.rules is not None:
+            assessor = Assessor(args.rules)
+        from ..careplan import catalogue_for
+
+        catalogue = catalogue_for(args.rules) if args.write_back else None
+        result = _export(args, environ=environ, session=session, err=err, with_careplans=args.write_back)
+    except (AiblError, ValueError) as exc:
+        print(f"fatal: {exc}", file=err)
+        return 2
+    as_of = args.as_of or dt.date.today()
+    writer = None
+    if catalogue is not None:
+        from .writeback import BulkWriter, careplans_by_patient
+
+        try:
+            writer = BulkWriter(result.client, catalogue, careplans_by_patient(result.files, result.client.base_url))
+        except AiblError as exc:
+            print(f"fatal: {exc}", file=err)
+            return 2
+    paths = [result.folder]
+    workers = choose_workers(paths, args.workers)
+    payload = "explained" if args.explain else "contract"
+    # what the workers send back: Assessments when they are written back or shown as a table
+    wanted = payload if args.format == "json" and writer is None else "assessment"
+    problems: list[AiblError] = []
+    with fewer_collections():
+        if workers > 1:
+            items = assess_population(
+                paths,
+                as_of=as_of,
+                workers=workers,
+                payload=wanted,
+                problems=problems,
+                on_warning=lambda note: print(f"warning: {note}", file=err),
+                rules_path=args.rules,
+                one_process=lambda: one_process_items(paths, assessor, as_of, wanted),
+                notice=lambda text: print(text, file=err),
+            )
+        else:
+            items = (
+                item.payload
+                for item in _one_process(paths, assessor, as_of, wanted, problems, err)
+                if item.payload is not None
+            )
+        if writer is not None:
+            items = _written(items, writer)
+        worklist = Worklist() if args.worklist else None
+        if worklist is not None:
+            items = worklist.tee(items)
+        if args.format == "json" and wanted == "assessment":
+            items = (a.explained() if args.explain else a.contract() for a in items)
+        if args.format == "json":
+            write_json_array(items, out)
+        else:
+            assessments = list(items)
+            print(format_table(assessments), file=out)
+    for problem in problems:
+        print(f"error: {problem}", file=err)
+    if worklist is not None:
+        count = worklist.write_csv(args.worklist)
+        print(f"worklist: {count} patients on an aromatase inhibitor with a care gap, in {args.worklist}", file=err)
+    failed = False
+    if writer is not None:
+        report = writer.report
+        for patient, reason in report.failed:
+            print(f"failed: {patient}: {reason}", file=err)
+        print(
+            f"write-back: written {report.written}, unchanged {report.unchanged}, failed {len(report.failed)} "
+            f"({report.requests} requests)",
+            file=err,
+        )
+        failed = bool(report.failed)
+    print(
+        f"exported {len(result.files)} files ({result.folder}) in {result.requests} requests; "
+        f"assessed with ruleset {assessor.rulebook.name}; "
+        f"as of {as_of}",
+        file=err,
+    )
+    return 1 if problems or result.errors or failed else 0
+
+
+def _written(assessments, writer):
+    for assessment in assessments:
+        writer.write(assessment)
+        yield assessment
+
+
+def _one_process(paths, assessor, as_of, payload, problems, err):
+    from ..population import one_process_items
+
+    for item in one_process_items(paths, assessor, as_of, payload):
+        for note in item.warnings:
+            print(f"warning: {note}", file=err)
+        problems.extend(item.problems)
+        yield item

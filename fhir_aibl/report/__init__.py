@@ -1,0 +1,1 @@
+"""Views of a population's assessments for the people who act on them (docs/worklist.md)."""

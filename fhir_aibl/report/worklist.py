@@ -1,0 +1,133 @@
+"""The bone-health worklist: every patient on an aromatase inhibitor with a care gap, most urgent first, as CSV.
+
+    worklist = Worklist()
+    for contract in outputs: worklist.add(contract)      # or `worklist.tee(outputs)` while they are written
+    worklist.write_csv(path)
+
+Built from the output contract alone (`ai_status`, `category`, `recommendations`, `flags`),
+so it reads the same from `assess`, `run --bulk` and any number of workers. Only patients
+whose aromatase inhibitor is `active` or `planned` are listed, and every one of them with at
+least one gap is listed: a gap is never dropped for lack of another.
+
+What a nurse navigator reads is plain language (`GAPS`); no rule id, code or reference
+except the patient's id, which is how the row is found in the record. The order of urgency
+(`priority`) is a proposal for clinical review, explained in docs/worklist.md.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+#: (priority, text) of each gap; 1 is the most urgent.
+GAPS = {
+    "dmab-overdue": (1, "Denosumab injection overdue: risk of rapid bone loss and vertebral fractures"),
+    "dmab-stopped": (1, "Denosumab stopped without a follow-on therapy"),
+    "high-untreated": (2, "High risk of fracture and not on a bone-protecting therapy"),
+    "held": (3, "Bone-protecting therapy held for a safety reason"),
+    "moderate-untreated": (4, "Moderate risk of fracture and not on a bone-protecting therapy"),
+    "indeterminate": (5, "Fracture risk not decided: the information needed is missing"),
+    "dxa-now": (6, "Bone density scan (DXA) needed now: no recent usable result"),
+    "dxa-overdue": (6, "Follow-up bone density scan (DXA) overdue: last scan more than 24 months ago"),
+}
+
+#: Safety concerns behind a held therapy, in plain language.
+SAFETY = {
+    "hypocalcaemia": "low calcium: every bone-protecting therapy held until corrected",
+    "vitamin-d-repletion": "vitamin D to be replaced before a bone-protecting therapy starts",
+    "crcl-below-35": "kidney function too low for zoledronic acid or oral bisphosphonates",
+    "crcl-below-30": "kidney function too low for some bone-protecting therapies",
+    "za-dose-reduction": "zoledronic acid dose to be reduced for kidney function",
+    "denosumab-ckd-mbd": "advanced kidney disease: bone and mineral review before denosumab",
+}
+
+COLUMNS = ("priority", "patient", "category", "aromatase_inhibitor", "care_gaps", "safety_concerns")
+ON_AI = ("active", "planned")
+
+
+@dataclass(frozen=True)
+class Row:
+    priority: int
+    patient: str
+    category: str
+    ai_status: str
+    gaps: tuple[str, ...]
+    safety: tuple[str, ...]
+
+    def csv(self) -> list[str]:
+        return [str(self.priority), self.patient, self.category, self.ai_status, "; ".join(self.gaps),
+                "; ".join(self.safety)]
+
+
+def gaps_of(contract: dict) -> list[str]:
+    """The gap keys (`GAPS`) of one patient's output contract; none when not on an aromatase inhibitor."""
+    if contract.get("ai_status") not in ON_AI:
+        return []
+    recs, flags, category = set(contract.get("recommendations", ())), set(contract.get("flags", ())), contract.get("category")
+    on_therapy = "adherence" in recs  # the rules recommend adherence, not initiation, to a patient already on one
+    found = []
+    if "alert-dmab-overdue" in flags:
+        found.append("dmab-overdue")
+    elif "dmab-transition" in recs:
+        found.append("dmab-stopped")
+    if category == "high" and not on_therapy:
+        found.append("high-untreated")
+    if flags & set(SAFETY):
+        found.append("held")
+    if category == "moderate" and not on_therapy:
+        found.append("moderate-untreated")
+    if category == "indeterminate":
+        found.append("indeterminate")
+    if "dxa-stale" in flags:
+        found.append("dxa-overdue")
+    elif "dxa-now" in recs:
+        found.append("dxa-now")
+    return found
+
+
+def row_of(contract: dict) -> Row | None:
+    keys = gaps_of(contract)
+    if not keys:
+        return None
+    patient = str(contract.get("patient", ""))
+    return Row(
+        priority=min(GAPS[k][0] for k in keys),
+        patient=patient.split("/", 1)[1] if patient.startswith("Patient/") else patient,
+        category=str(contract.get("category", "")),
+        ai_status=str(contract.get("ai_status", "")),
+        gaps=tuple(GAPS[k][1] for k in sorted(keys, key=lambda k: (GAPS[k][0], k))),
+        safety=tuple(SAFETY[f] for f in sorted(set(contract.get("flags", ())) & set(SAFETY))),
+    )
+
+
+class Worklist:
+    def __init__(self) -> None:
+        self.rows: list[Row] = []  # only patients with a gap: a fraction of the population, a few fields each
+
+    def add(self, output: Any) -> None:
+        """One patient's output: its contract dict (`--format json`, with or without --explain) or its Assessment."""
+        contract = output if isinstance(output, dict) else output.contract()
+        row = row_of(contract)
+        if row is not None:
+            self.rows.append(row)
+
+    def tee(self, outputs: Iterable[Any]) -> Iterator[Any]:
+        for output in outputs:
+            self.add(output)
+            yield output
+
+    def ordered(self) -> list[Row]:
+        return sorted(self.rows, key=lambda r: (r.priority, r.patient))
+
+    def write_csv(self, path: Path) -> int:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = self.ordered()
+        with path.open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(COLUMNS)
+            for row in rows:
+                writer.writerow(row.csv())
+        return len(rows)

@@ -1,0 +1,81 @@
+"""The bone-health worklist: who is on it, in which order, in plain language, the same from any path."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+
+import pytest
+
+from fhir_aibl.cli import FIXTURES_DIR, main
+from fhir_aibl.report.worklist import COLUMNS, SAFETY, Worklist, gaps_of
+
+AS_OF = "2026-06-01"
+
+
+def contract(**kw) -> dict:
+    base = {"patient": "Patient/p", "ai_status": "active", "category": "low", "risk_factors": [],
+            "recommendations": [], "flags": []}
+    return {**base, **kw}
+
+
+@pytest.mark.parametrize(
+    "kw, expected",
+    [
+        ({"category": "high"}, ["high-untreated"]),
+        ({"category": "high", "recommendations": ["adherence"]}, []),
+        ({"category": "moderate"}, ["moderate-untreated"]),
+        ({"category": "indeterminate", "recommendations": ["dxa-now"]}, ["indeterminate", "dxa-now"]),
+        ({"flags": ["dxa-stale"], "recommendations": ["dxa-now"]}, ["dxa-overdue"]),
+        ({"flags": ["alert-dmab-overdue"], "recommendations": ["dmab-transition"]}, ["dmab-overdue"]),
+        ({"recommendations": ["dmab-transition"]}, ["dmab-stopped"]),
+        ({"category": "high", "flags": ["hypocalcaemia"]}, ["high-untreated", "held"]),
+        ({"ai_status": "planned", "category": "moderate"}, ["moderate-untreated"]),
+        ({"ai_status": "stopped", "category": "not-applicable", "recommendations": ["dmab-transition"]}, []),
+        ({"ai_status": "none", "category": "not-applicable"}, []),
+        ({"category": "low", "recommendations": ["dxa-24m"]}, []),
+    ],
+)
+def test_gaps(kw, expected):
+    assert gaps_of(contract(**kw)) == expected
+
+
+def test_order_and_plain_language(tmp_path):
+    worklist = Worklist()
+    worklist.add(contract(patient="Patient/b", category="moderate"))
+    worklist.add(contract(patient="Patient/a", category="high", flags=["crcl-below-35"]))
+    worklist.add(contract(patient="Patient/c", recommendations=["dmab-transition"]))
+    worklist.add(contract(patient="Patient/d", ai_status="none", category="not-applicable"))
+    path = tmp_path / "w.csv"
+    assert worklist.write_csv(path) == 3
+    rows = list(csv.DictReader(path.open()))
+    assert list(rows[0]) == list(COLUMNS)
+    assert [r["patient"] for r in rows] == ["c", "a", "b"]  # denosumab first, then high, then moderate
+    assert rows[1]["safety_concerns"] == SAFETY["crcl-below-35"]
+    text = path.read_text()
+    assert not re.search(r"\b[A-Z]\d+-|dxa-now|crcl|Patient/|CLINICAL", text)  # no rule ids, codes or references
+
+
+def test_every_patient_on_an_ai_with_a_gap_is_listed_once(capsys, tmp_path):
+    path = tmp_path / "w.csv"
+    main(["assess", str(FIXTURES_DIR), "--as-of", AS_OF, "--format", "json", "--worklist", str(path), "--workers", "1"])
+    out, err = capsys.readouterr()
+    listed = [r["patient"] for r in csv.DictReader(path.open())]
+    assert len(listed) == len(set(listed))
+    expected = {a["patient"][8:] for a in json.loads(out) if gaps_of(a)}
+    assert set(listed) == expected and expected
+    on_ai = {a["patient"][8:] for a in json.loads(out) if a["ai_status"] in ("active", "planned")}
+    assert set(listed) <= on_ai
+    assert f"worklist: {len(listed)} patients" in err
+
+
+def test_the_same_worklist_from_any_format_and_any_number_of_workers(capsys, tmp_path):
+    texts = []
+    for i, extra in enumerate((["--format", "json", "--workers", "1"], ["--format", "table", "--workers", "2"],
+                               ["--format", "json", "--explain", "--workers", "2"])):
+        path = tmp_path / f"w{i}.csv"
+        main(["assess", str(FIXTURES_DIR), "--as-of", AS_OF, "--worklist", str(path), *extra])
+        capsys.readouterr()
+        texts.append(path.read_text())
+    assert texts[0] == texts[1] == texts[2]
