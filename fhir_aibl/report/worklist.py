@@ -5,9 +5,11 @@
     worklist.write_csv(path)
 
 Built from the output contract alone (`ai_status`, `category`, `recommendations`, `flags`),
-so it reads the same from `assess`, `run --bulk` and any number of workers. Only patients
-whose aromatase inhibitor is `active` or `planned` are listed, and every one of them with at
-least one gap is listed: a gap is never dropped for lack of another.
+so it reads the same from `assess`, `run --bulk` and any number of workers. Patients whose
+aromatase inhibitor is `active` or `planned` are listed, and also, whatever its state, those with
+a medication that could not be read (they may be on one) and those whose denosumab is overdue or
+needs its follow-on; every one of them with at least one gap is listed: a gap is never dropped
+for lack of another.
 
 What a nurse navigator reads is plain language (`GAPS`); no rule id, code or reference
 except the patient's id, which is how the row is found in the record. The order of urgency
@@ -32,6 +34,10 @@ GAPS = {
     "indeterminate": (5, "Fracture risk not decided: the information needed is missing"),
     "dxa-now": (6, "Bone density scan (DXA) needed now: no recent usable result"),
     "dxa-overdue": (6, "Follow-up bone density scan (DXA) overdue: last scan more than 24 months ago"),
+    "dxa-report": (6, "Bone density scan (DXA) done or ordered, result not in the record: obtain the report"),
+    "medication-unresolved": (2, "A medication could not be read: check whether it is an aromatase inhibitor"),
+    "medication-by-text": (7, "Aromatase inhibitor recognised by name only: confirm it in the medication list"),
+    "record-incomplete": (7, "Birth date missing from the record: risk graded as if over 65"),
 }
 
 #: Safety concerns behind a held therapy, in plain language.
@@ -63,16 +69,20 @@ class Row:
 
 
 def gaps_of(contract: dict) -> list[str]:
-    """The gap keys (`GAPS`) of one patient's output contract; none when not on an aromatase inhibitor."""
-    if contract.get("ai_status") not in ON_AI:
-        return []
+    """The gap keys (`GAPS`) of one patient's output contract. Patients on an aromatase inhibitor;
+    and, whatever the aromatase inhibitor's state, a medication that could not be read (she may be
+    on one) and denosumab overdue or needing its follow-on (the risk outlasts the aromatase inhibitor)."""
     recs, flags, category = set(contract.get("recommendations", ())), set(contract.get("flags", ())), contract.get("category")
-    on_therapy = "adherence" in recs  # the rules recommend adherence, not initiation, to a patient already on one
     found = []
+    if "medication-unresolved" in flags:
+        found.append("medication-unresolved")
     if "alert-dmab-overdue" in flags:
         found.append("dmab-overdue")
     elif "dmab-transition" in recs:
         found.append("dmab-stopped")
+    if contract.get("ai_status") not in ON_AI:
+        return found
+    on_therapy = "adherence" in recs  # the rules recommend adherence, not initiation, to a patient already on one
     if category == "high" and not on_therapy:
         found.append("high-untreated")
     if flags & set(SAFETY):
@@ -85,6 +95,12 @@ def gaps_of(contract: dict) -> list[str]:
         found.append("dxa-overdue")
     elif "dxa-now" in recs:
         found.append("dxa-now")
+    elif "dxa-obtain-result" in recs:
+        found.append("dxa-report")
+    if "medication-by-text" in flags:
+        found.append("medication-by-text")
+    if "age-unknown" in flags:
+        found.append("record-incomplete")
     return found
 
 

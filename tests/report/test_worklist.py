@@ -32,7 +32,9 @@ def contract(**kw) -> dict:
         ({"recommendations": ["dmab-transition"]}, ["dmab-stopped"]),
         ({"category": "high", "flags": ["hypocalcaemia"]}, ["high-untreated", "held"]),
         ({"ai_status": "planned", "category": "moderate"}, ["moderate-untreated"]),
-        ({"ai_status": "stopped", "category": "not-applicable", "recommendations": ["dmab-transition"]}, []),
+        # after the aromatase inhibitor, denosumab still needs its follow-on: listed
+        ({"ai_status": "stopped", "category": "not-applicable", "recommendations": ["dmab-transition"]}, ["dmab-stopped"]),
+        ({"ai_status": "none", "category": "not-applicable", "flags": ["medication-unresolved"]}, ["medication-unresolved"]),
         ({"ai_status": "none", "category": "not-applicable"}, []),
         ({"category": "low", "recommendations": ["dxa-24m"]}, []),
     ],
@@ -65,7 +67,12 @@ def test_every_patient_on_an_ai_with_a_gap_is_listed_once(capsys, tmp_path):
     assert len(listed) == len(set(listed))
     expected = {a["patient"][8:] for a in json.loads(out) if gaps_of(a)}
     assert set(listed) == expected and expected
-    on_ai = {a["patient"][8:] for a in json.loads(out) if a["ai_status"] in ("active", "planned")}
+    # on an aromatase inhibitor, or denosumab needing its follow-on, or a medication that could not be read
+    on_ai = {
+        a["patient"][8:] for a in json.loads(out)
+        if a["ai_status"] in ("active", "planned") or "dmab-transition" in a["recommendations"]
+        or "medication-unresolved" in a["flags"]
+    }
     assert set(listed) <= on_ai
     assert f"worklist: {len(listed)} patients" in err
 
@@ -79,3 +86,19 @@ def test_the_same_worklist_from_any_format_and_any_number_of_workers(capsys, tmp
         capsys.readouterr()
         texts.append(path.read_text())
     assert texts[0] == texts[1] == texts[2]
+
+
+def test_a_medication_that_could_not_be_read_and_denosumab_after_the_ai_are_listed():
+    from fhir_aibl.report.worklist import gaps_of
+
+    unread = {"patient": "Patient/u", "ai_status": "none", "category": "not-applicable",
+              "recommendations": [], "flags": ["medication-unresolved"]}
+    assert gaps_of(unread) == ["medication-unresolved"]
+    after_ai = {"patient": "Patient/d", "ai_status": "stopped", "category": "not-applicable",
+                "recommendations": ["dmab-transition", "ci-check", "ca-vitd", "dxa-12m"], "flags": []}
+    assert gaps_of(after_ai) == ["dmab-stopped"]
+    tamoxifen = {"patient": "Patient/t", "ai_status": "none", "category": "not-applicable", "recommendations": [], "flags": []}
+    assert gaps_of(tamoxifen) == []
+    incomplete = {"patient": "Patient/a", "ai_status": "active", "category": "indeterminate",
+                  "recommendations": ["dxa-12m", "complete-record"], "flags": ["age-unknown"]}
+    assert "record-incomplete" in gaps_of(incomplete)
