@@ -93,7 +93,7 @@ from fhir_aibl.cds import patient_view_request
 body = json.dumps(patient_view_request(json.load(open(sys.argv[2])))).encode()
 request = urllib.request.Request(f"{base}/aibl-patient-view", data=body, headers={"Content-Type": "application/json"})
 cards = json.load(urllib.request.urlopen(request, timeout=30))["cards"]
-assert cards and "high" in cards[0]["summary"], cards
+assert cards and "high risk" in cards[0]["summary"].lower(), cards
 print(f"discovery: {', '.join(ids)}; patient-view: {cards[0]['summary']}")
 EOF
 kill "$SERVER_PID"
