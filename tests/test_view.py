@@ -177,3 +177,26 @@ def test_two_patients_with_one_id_get_two_pages(tmp_path):
     taken: set[str] = set()
     assert [page_name(i, taken) for i in ("a/b", "a_b", "index", "")] == ["a_b.html", "a_b-2.html", "index-2.html", "patient.html"]
     assert copy.copy(taken) == {"a_b.html", "a_b-2.html", "index-2.html", "patient.html"}
+
+
+def test_the_html_pages_take_the_texts_of_the_ruleset_given(tmp_path):
+    """`assess --format html --rules DIR` reads the catalogue beside those rules, as the other formats do."""
+    import shutil
+
+    from fhir_aibl.assess import RULES_DIR, Assessor
+    from fhir_aibl.view.site import write_site
+
+    rules = tmp_path / "rules"
+    shutil.copytree(RULES_DIR, rules, ignore=shutil.ignore_patterns("__pycache__", "__init__.py"))
+    catalogue = rules / "recommendations.yaml"
+    text = catalogue.read_text(encoding="utf-8")
+    marker = "Repeat DXA in 24 months (moved ruleset)"
+    start = text.index("  dxa-24m:")
+    title = text.index("title:", start)
+    end = text.index("\n", title)
+    catalogue.write_text(text[:title] + f"title: {marker}" + text[end:], encoding="utf-8")
+    assessor = Assessor(rules / "aibl.yaml")
+    problems: list = []
+    pages = write_site(assessor, iter_records([FIXTURES / "V01.json"], terminology=assessor.terminology), AS_OF,
+                       tmp_path / "site", problems)
+    assert not problems and marker in pages[0].read_text(encoding="utf-8")

@@ -46,7 +46,8 @@ def write_site(
     """
     from ..cli import iter_assessments  # the CLI's loop: the same rejections, the same warnings
 
-    catalogue = catalogue or default_catalogue()
+    # the texts of the ruleset that decides (`--rules` moves the catalogue with the rules)
+    catalogue = catalogue or load_catalogue(assessor.paths.catalogue)
     out.mkdir(parents=True, exist_ok=True)
     taken: set[str] = set()
     rows = []
