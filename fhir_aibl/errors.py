@@ -72,6 +72,8 @@ class NotFhirError(InputError):
 class InvalidResourceError(InputError):
     code = "resource-invalid"
     issue_type = "invalid"
+    #: the resource without its invalid elements, read in its place (fhir_aibl.validation.salvage), or None
+    salvaged: dict | None = None
 
 
 class NoUsableDataError(InputError):

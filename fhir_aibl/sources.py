@@ -160,7 +160,7 @@ from .references import (
 from .jsoninput import JsonInputError, Rejected, loads_isolating, reparse
 from .jsoninput import NotJsonError as _NotJson
 from .terminology import Terminology, default_terminology
-from .validation import ValidationMemo, needs_validation
+from .validation import ValidationMemo, needs_validation, salvage, salvaged_note
 
 __all__ = ["RELEVANT_TYPES", "SPOOL_LIMIT", "PatientRecord", "ReadResult", "iter_records", "read_paths"]
 
@@ -754,7 +754,9 @@ class _Spool:
                 problem = _validate(self._item(resource, entry), self._memo)
                 if problem is not None:
                     yield problem
-                    continue
+                    if problem.salvaged is None:
+                        continue
+                    resource = problem.salvaged  # read without its invalid elements (validation.salvage)
             kept.append(resource)
         yield PatientRecord(patient_ref=f"Patient/{pid}", resources=kept, sources=sources)
 
@@ -829,6 +831,8 @@ def _validation_filter(terminology: Terminology) -> Callable[[dict], bool]:
 
 
 def _validate(item: _Item, memo: ValidationMemo | None = None) -> InvalidResourceError | None:
+    """Why the resource fails validation, or None; the error's `salvaged` is the resource without its
+    invalid elements when losing them can only make it say less (validation.salvage), else None."""
     from pydantic import ValidationError
 
     resource = item.resource
@@ -840,11 +844,13 @@ def _validate(item: _Item, memo: ValidationMemo | None = None) -> InvalidResourc
         errors = exc.errors(include_url=False, include_input=False)
         reasons = [f"{_loc(err['loc'])}: {err['msg']}" for err in errors[:_MAX_REASONS]]
         more = f" (+{len(errors) - _MAX_REASONS} more)" if len(errors) > _MAX_REASONS else ""
-        return InvalidResourceError(
-            f"fails FHIR R4 validation: {'; '.join(reasons)}{more}", source=item.where, resource=label
-        )
-    # fhir.resources raises ValueError/TypeError for a few root-level checks
-    return InvalidResourceError(f"fails FHIR R4 validation: {_first_line(exc)}", source=item.where, resource=label)
+        text = f"fails FHIR R4 validation: {'; '.join(reasons)}{more}"
+    else:  # fhir.resources raises ValueError/TypeError for a few root-level checks
+        text = f"fails FHIR R4 validation: {_first_line(exc)}"
+    kept = salvage(resource, exc)
+    error = InvalidResourceError(text + salvaged_note(kept), source=item.where, resource=label)
+    error.salvaged = kept.resource if kept is not None else None
+    return error
 
 
 def _loc(loc: tuple) -> str:

@@ -58,6 +58,7 @@ import types
 import typing
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from .facts import reads_resource
@@ -68,8 +69,8 @@ try:  # shapes are compared as their orjson serialisation (exact: 1 and 1.0 and 
 except ImportError:  # pragma: no cover - without orjson every resource is validated in full
     orjson = None  # type: ignore[assignment]
 
-__all__ = ["MAX_STRING", "MEMO_LIMIT", "JsonTypeError", "ValidationMemo", "full_problem", "json_type_problem",
-           "model_for", "needs_validation"]
+__all__ = ["MAX_STRING", "MEMO_LIMIT", "JsonTypeError", "Salvaged", "ValidationMemo", "full_problem", "json_type_problem",
+           "model_for", "needs_validation", "salvage", "salvaged_note"]
 
 
 def _checked_versions() -> bool:
@@ -425,3 +426,161 @@ def _json_name(value: Any) -> str:
     return {str: "a string", int: "an integer", float: "a number", list: "an array", dict: "an object"}.get(
         type(value), type(value).__name__
     )
+
+
+# --------------------------------------------------------------------------- salvage
+
+#: Elements whose loss would change whose record a resource is in, or what it is.
+_NEVER_PRUNED = frozenset({"resourceType", "id", "subject", "patient", "modifierExtension", "implicitRules"})
+#: Per type, elements whose loss changes which rules apply: a Patient without its sex would be graded
+#: on the other sex's scores; such a Patient is left out, and the record assessed with age and sex
+#: unknown (never low), as for a missing Patient.
+_NEVER_PRUNED_IN = {"Patient": frozenset({"gender"})}
+#: Resource types whose data can reassure (a normal DXA, a normal calcium): pruned only where
+#: the loss leaves them saying less (no value, no note), never where it changes what they say
+#: (their status, code, date, body site): such a resource is left out, as before.
+_REASSURING = frozenset({"Observation", "DiagnosticReport", "Procedure", "ServiceRequest"})
+_SAFE_TO_LOSE = frozenset({
+    "meta", "text", "identifier", "note", "performer", "encounter", "basedOn", "partOf", "derivedFrom",
+    "hasMember", "referenceRange", "extension", "specimen", "device", "interpretation", "focus",
+    "presentedForm", "media", "conclusion", "conclusionCode", "resultsInterpreter", "imagingStudy",
+    "report", "complication", "followUp", "reasonCode", "reasonReference", "requester", "recorder",
+    "asserter", "location", "supportingInfo", "insurance", "contained", "language",
+})
+_MAX_SALVAGE_ROUNDS = 8
+
+
+@dataclass(frozen=True)
+class Salvaged:
+    """A copy of an invalid resource without its invalid elements, and the paths of what was left out."""
+
+    resource: dict
+    removed: tuple[str, ...]
+
+
+def salvage(resource: Mapping[str, Any], problem: Exception) -> Salvaged | None:
+    """The resource without the elements validation refused, when losing them can only make it say less.
+
+    Patient safety: an invalid resource the rules read used to be left out whole, so that one
+    malformed element (a dosage text given as a number) hid a patient's aromatase inhibitor,
+    and a fracture with a malformed onset date lost its risk factor: missing data must never
+    hide a patient or lower a category. So the invalid elements are removed instead, one
+    round at a time, until the rest validates. What may be removed is limited (`_may_lose`):
+    never the identity (id, subject, patient) or a modifier extension; in data that can
+    reassure (an Observation, a DXA report or procedure) only what leaves it saying less (its
+    value, a note), never its status, code, date or site. A medication without its status
+    reads as `unknown`, the status the rules treat as possibly taken; a Condition without its
+    verification or clinical status counts, as FHIR says it does; a Patient may lose its birth
+    date (then age unknown: never low), never its sex. Anything else is None: the resource is
+    left out, as before. The caller still reports the validation problem.
+    """
+    import copy
+
+    current = copy.deepcopy(dict(resource))
+    removed: list[str] = []
+    for _ in range(_MAX_SALVAGE_ROUNDS):
+        rtype = current.get("resourceType")
+        paths = [_whole_value(rtype, p) for p in _problem_paths(problem)]
+        if not paths:
+            return None
+        # the deepest and last first, so that removing one leaves the others' array indices as they were
+        for path in sorted(set(paths), key=lambda p: [(1, x) if isinstance(x, int) else (0, x) for x in p], reverse=True):
+            if not _may_lose(rtype, path) or not _remove(current, path):
+                return None
+            removed.append(_path_text(path))
+        try:
+            problem = full_problem(current)
+        except KeyError:
+            return None
+        if problem is None:
+            return Salvaged(current, tuple(dict.fromkeys(removed)))
+    return None
+
+
+def salvaged_note(kept: Salvaged | None) -> str:
+    """What a validation error adds when the resource is read without its invalid elements."""
+    if kept is None:
+        return ""
+    return f"; read without {', '.join(kept.removed)} (the rest of it is valid and is used)"
+
+
+def _problem_paths(problem: Exception) -> list[tuple]:
+    from pydantic import ValidationError
+
+    if isinstance(problem, JsonTypeError):
+        where = str(problem).split(": ", 1)[0]
+        path = _parse_path(where)
+        return [path] if path else []
+    if isinstance(problem, ValidationError):
+        paths = []
+        for err in problem.errors(include_url=False, include_input=False):
+            loc = tuple(err.get("loc") or ())
+            if not loc or "missing" in str(err.get("type", "")):
+                return []  # a root check (one of a choice) or a required element: nothing to remove
+            paths.append(loc)
+        return paths
+    return []
+
+
+def _parse_path(text: str) -> tuple:
+    import re
+
+    parts: list[Any] = []
+    for name, index in re.findall(r"([^.\[\]]+)|\[(\d+)\]", text):
+        parts.append(int(index) if index else name)
+    return tuple(parts)
+
+
+def _path_text(path: tuple) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _may_lose(rtype: Any, path: tuple) -> bool:
+    names = [p for p in path if isinstance(p, str)]
+    if not names or any(n in _NEVER_PRUNED for n in names) or names[0] in _NEVER_PRUNED_IN.get(rtype, ()):
+        return False
+    if rtype not in _REASSURING:
+        return True
+    top = names[0]
+    if top.startswith("value") or top in _SAFE_TO_LOSE:
+        return True
+    # a component loses its value (or what says which value it is): it then says nothing
+    return top == "component" and len(names) > 1 and (
+        names[1].startswith("value") or names[1] in _SAFE_TO_LOSE or names[1] == "code")
+
+
+def _whole_value(rtype: Any, path: tuple) -> tuple:
+    """In data that can reassure, a value is lost whole, never in part (a comparator without its number)."""
+    if rtype in _REASSURING:
+        for i, part in enumerate(path):
+            if isinstance(part, str) and part.startswith("value"):
+                return path[: i + 1]
+    return path
+
+
+def _remove(resource: dict, path: tuple) -> bool:
+    """Remove what `path` names, then any object or array left empty by it."""
+    if not path:
+        return False
+    trail: list[tuple[Any, Any]] = []
+    node: Any = resource
+    for part in path[:-1]:
+        try:
+            child = node[part]
+        except (KeyError, IndexError, TypeError):
+            return False
+        trail.append((node, part))
+        node = child
+    last = path[-1]
+    try:
+        del node[last]
+    except (KeyError, IndexError, TypeError):
+        return False
+    while trail and node in ({}, []):
+        parent, key = trail.pop()
+        del parent[key]
+        node = parent
+    return True

@@ -105,7 +105,9 @@ def check_mixed_output(code: int, out: str, err: str, d: Path) -> None:
         assert list(item) == list(CONTRACT_FIELDS)
     bad1 = next(d for d in data if d["patient"] == "Patient/bad1")
     assert bad1["ai_status"] == "active"
-    assert not any("bad1-dxa" in ref for ref in bad1["evidence"])
+    # read without its malformed value: a scan whose result cannot be read, never a number
+    assert bad1["category"] != "low" and "dxa-obtain-result" in bad1["recommendations"]
+    assert "read without valueQuantity" in bad
 
 
 def test_assess_mixed_directory(capsys, mixed_dir):

@@ -296,10 +296,13 @@ def test_bundle_entry_without_resource_type(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "bad_field, where",
-    [({"status": 12}, "status"), ({"valueQuantity": {"value": "abc"}}, "valueQuantity.value")],
+    "bad_field, where, kept",
+    [
+        ({"status": 12}, "status", ["p1", "good"]),  # its status unreadable: it might be refuted; left out
+        ({"valueQuantity": {"value": "abc"}}, "valueQuantity.value", ["p1", "good", "bad"]),  # read without its value
+    ],
 )
-def test_invalid_observation_is_dropped_and_the_rest_survive(tmp_path, bad_field, where):
+def test_invalid_observation_is_dropped_and_the_rest_survive(tmp_path, bad_field, where, kept):
     bundle = {
         "resourceType": "Bundle",
         "type": "collection",
@@ -311,7 +314,9 @@ def test_invalid_observation_is_dropped_and_the_rest_survive(tmp_path, bad_field
     assert isinstance(problem, InvalidResourceError) and problem.code == "resource-invalid"
     assert problem.resource == "Observation/bad" and problem.source == str(path)
     assert where in problem.message and len(problem.message) < 400
-    assert [r["id"] for r in result.patients[0].resources] == ["p1", "good"]
+    assert [r["id"] for r in result.patients[0].resources] == kept
+    if "bad" in kept:  # read without its invalid value: a value-less Observation, which can reassure no one
+        assert "valueQuantity" not in result.patients[0].resources[-1] and "read without valueQuantity" in problem.message
     # without validation the resource goes through untouched
     unchecked = read_paths([path], validate=False)
     assert unchecked.problems == []

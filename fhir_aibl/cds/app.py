@@ -422,12 +422,17 @@ class CdsService:
             metrics.DROPPED.labels("other-patient").inc(filtered.other_patient)
             notes.append(f"{filtered.other_patient} prefetched resource(s) about another patient were ignored.")
         if self.settings.validate_resources:
-            resources, invalid = select_and_validate(self.assessor.terminology, resources)
+            resources, invalid, partly = select_and_validate(self.assessor.terminology, resources)
             if invalid:
                 metrics.DROPPED.labels("invalid").inc(len(invalid))
                 notes.append(
                     f"{len(invalid)} resource(s) failed FHIR R4 validation and were not used: {', '.join(invalid[:10])}"
                     + (" ..." if len(invalid) > 10 else "")
+                )
+            if partly:
+                notes.append(
+                    f"{len(partly)} resource(s) failed FHIR R4 validation and were read without their invalid "
+                    f"elements: {', '.join(partly[:10])}" + (" ..." if len(partly) > 10 else "")
                 )
         if not any(r.get("resourceType") == "Patient" for r in resources):
             # The EHR says there is no Patient (prefetch null) or sent one that fails validation:

@@ -105,7 +105,8 @@ CHECKS = ("ci-check", "dental-review")
 #: Flags whose message is the safety line's (the drugs ruled out, with the value): not repeated.
 SAFETY_FLAGS = frozenset({"crcl-below-35", "crcl-below-30", "denosumab-ckd-mbd", "hypocalcaemia", "vitamin-d-repletion"})
 #: The service's validation note (app.py): the one integration note that also changes the decision.
-_INVALID = re.compile(r"^(\d+) resource\(s\) failed FHIR R4 validation")
+_INVALID = re.compile(r"^(\d+) resource\(s\) failed FHIR R4 validation and were not used")
+_PARTLY = re.compile(r"^(\d+) resource\(s\) failed FHIR R4 validation and were read without")
 _REF = re.compile(r"\b[A-Z][A-Za-z]+/[A-Za-z0-9\-.]+(?:/_history/[A-Za-z0-9\-.]+)?")
 
 
@@ -205,6 +206,11 @@ class CardBuilder:
                 n = int(invalid.group(1))
                 notes.append(f"{n} result{'s' if n > 1 else ''} on record could not be read and "
                              f"{'were' if n > 1 else 'was'} not used: check the chart.")
+            partly = _PARTLY.match(note)
+            if partly:
+                n = int(partly.group(1))
+                notes.append(f"{n} entr{'ies' if n > 1 else 'y'} on record could be read only in part; "
+                             f"the rest was used: check the chart.")
         self._log(assessment, [*data_notes, *for_log])
         if assessment.category == "not-applicable":
             # Not on an aromatase inhibitor as far as can be read; but a medication that could

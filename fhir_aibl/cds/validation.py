@@ -27,12 +27,17 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..terminology import Terminology
-from ..validation import ValidationMemo, needs_validation
+from ..validation import ValidationMemo, needs_validation, salvage
 
 
-def validate(resources: Iterable[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], list[str]]:
-    """The resources that pass FHIR R4 (R4B models) validation, and `Type/id` of the others."""
-    good, bad = [], []
+def validate(resources: Iterable[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], list[str], list[str]]:
+    """The resources to use, `Type/id` of those left out, and `Type/id` of those read in part.
+
+    A resource that fails FHIR R4 (R4B models) validation is read without its invalid elements
+    where losing them can only make it say less (`fhir_aibl.validation.salvage`: a malformed
+    dosage text must not hide an aromatase inhibitor), else left out.
+    """
+    good, bad, partly = [], [], []
     memo = ValidationMemo()
     for res in resources:
         try:
@@ -40,14 +45,19 @@ def validate(resources: Iterable[Mapping[str, Any]]) -> tuple[list[Mapping[str, 
         except KeyError:  # no resourceType, or one the models do not know
             problem = True
         if problem is not None:
-            bad.append(f"`{res.get('resourceType', '?')}/{res.get('id', '?')}`")
-            continue
+            kept = salvage(res, problem) if isinstance(problem, Exception) else None
+            name = f"`{res.get('resourceType', '?')}/{res.get('id', '?')}`"
+            if kept is None:
+                bad.append(name)
+                continue
+            partly.append(name)
+            res = kept.resource
         good.append(res)
-    return good, bad
+    return good, bad, partly
 
 
 def select_and_validate(
     terminology: Terminology, resources: Iterable[Mapping[str, Any]]
-) -> tuple[list[Mapping[str, Any]], list[str]]:
-    """The resources facts.py can read that pass validation, and `Type/id` of those that fail."""
+) -> tuple[list[Mapping[str, Any]], list[str], list[str]]:
+    """The resources facts.py can read, valid or read in part, `Type/id` of those left out and of those read in part."""
     return validate([r for r in resources if needs_validation(r, terminology)])

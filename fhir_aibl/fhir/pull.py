@@ -27,8 +27,10 @@ says it did not apply (an OperationOutcome entry) raises IgnoredParameter. A typ
 server cannot search by patient at all is handled per `VendorProfile.unsearchable`.
 The resources the rules read (`validation.needs_validation`, the file reader's decision) are
 validated with the FHIR R4 (R4B) models and FHIR JSON types, as the file reader does, with
-one validation memo for the whole run; an invalid one is dropped with a warning, so that a
-server record and a file of the same record give the same assessment. A resource the rules
+one validation memo for the whole run; an invalid one is read without its invalid elements where
+losing them can only make it say less (`validation.salvage`), else left out, and either way named
+as an error of the patient (the run exits 1), so that a server record and a file of the same
+record give the same assessment and the same exit status. A resource the rules
 never read (a heart rate) is passed on unvalidated, as the file reader passes it on.
 """
 
@@ -44,7 +46,7 @@ from ..careplan import IDENTIFIER_SYSTEM
 from ..references import MEDICATION_USE_TYPES, MedicationIndex, medication_reference, parse_reference
 from ..sources import RELEVANT_TYPES
 from ..terminology import Terminology, default_terminology
-from ..validation import ValidationMemo, model_for, needs_validation
+from ..validation import Salvaged, ValidationMemo, full_problem, model_for, needs_validation, salvage, salvaged_note
 from .client import FhirClient, SearchSpec, entry_status
 from .errors import ConfigError, CrossPatient, NotFound, NotSupported, ServerError, server_error
 
@@ -85,6 +87,8 @@ class PatientPull:
     requests: int = 0
     strategy: str = ""
     warnings: list[str] = field(default_factory=list)
+    #: resources that failed validation: errors of the run (exit 1), as `assess` reports them
+    invalid: list[str] = field(default_factory=list)
 
     @property
     def patient_ref(self) -> str:
@@ -141,6 +145,15 @@ def validation_problem(resource: Mapping[str, Any], memo: ValidationMemo | None 
         reasons = ["/".join(str(p) for p in err["loc"]) + f": {err['msg']}" for err in errors[:3]]
         return "; ".join(reasons)
     return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+
+
+def _salvaged(resource: dict) -> Salvaged | None:
+    """The invalid resource without its invalid elements, where that is safe (fhir_aibl/validation.py), or None."""
+    try:
+        exc = full_problem(resource)
+    except KeyError:
+        return None
+    return salvage(resource, exc) if exc is not None else None
 
 
 class Puller:
@@ -436,8 +449,15 @@ class Puller:
             problem = validation_problem(r, self._memo) if needs_validation(r, self.terminology) else None
             if problem is None:
                 valid.append(r)
+                continue
+            kept = _salvaged(r)
+            if kept is not None:  # read without its invalid elements: losing them can only make it say less
+                valid.append(kept.resource)
+                result.invalid.append(
+                    f"{r.get('resourceType')}/{r.get('id')}: fails FHIR R4 validation: {problem}{salvaged_note(kept)}"
+                )
             else:
-                result.warnings.append(
+                result.invalid.append(
                     f"{r.get('resourceType')}/{r.get('id')}: fails FHIR R4 validation, left out: {problem}"
                 )
         order = {t: i for i, t in enumerate(("Patient", *PULL_TYPES))}

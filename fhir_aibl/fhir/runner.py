@@ -264,7 +264,7 @@ class Runner:
                 outcome.reason = f"assess: {exc}"
                 return outcome
             outcome.warnings += list(result.facts.problems)
-            outcome.problems = [PATIENT_MISSING] if result.patient_missing else []
+            outcome.problems = list(pulled.invalid) + ([PATIENT_MISSING] if result.patient_missing else [])
             outcome.assessment = result.assessment
             if not self.write_back:
                 outcome.status = "assessed"

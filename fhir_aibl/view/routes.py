@@ -84,7 +84,7 @@ def _read_record(cds: Any, iss: str, token: dict) -> list[dict]:
     filtered = for_patient([item for o in outcomes for item in o.resources or []], patient_id)
     resources = filtered.resources
     if cds.settings.validate_resources:
-        resources, _invalid = select_and_validate(cds.assessor.terminology, resources)
+        resources, _invalid, _partly = select_and_validate(cds.assessor.terminology, resources)
     if not any(r.get("resourceType") == "Patient" for r in resources):
         raise LaunchError("the EHR returned no usable Patient resource for the launch patient", 502)
     return list(resources)

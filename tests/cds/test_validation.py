@@ -41,8 +41,8 @@ def test_selected_validation_gives_the_facts_of_full_validation(assessor, name, 
     if len(patients) != 1:
         pytest.skip("not one patient's record")
     resources = for_patient(bundle_resources(record), patients[0]["id"]).resources
-    everything, _ = validate(resources)
-    selected, _ = select_and_validate(term, resources)
+    everything, *_ = validate(resources)
+    selected, *_ = select_and_validate(term, resources)
     ref = f"Patient/{patients[0]['id']}"
     full = extract_facts(ref, everything, AS_OF, term)
     fewer = extract_facts(ref, selected, AS_OF, term)
@@ -77,7 +77,7 @@ def test_what_facts_reads_is_selected(assessor):
 )
 def test_malformed_codes_never_reach_the_facts_stage(assessor, resource):
     """Dropped as codes facts.py cannot recognise, or selected and failing validation: never read."""
-    good, bad = select_and_validate(assessor.terminology, [resource])
+    good, bad, _partly = select_and_validate(assessor.terminology, [resource])
     assert not good
     assert len(bad) == int(needs_validation(resource, assessor.terminology))
 
@@ -97,6 +97,22 @@ def test_an_invalid_resource_the_rules_read_is_reported_and_not_used(make_app):
     assert "1 result on record could not be read and was not used" in card["detail"]
     assert dxa["id"] not in json.dumps(card)  # not evidence either
     assert card["detail"] != baseline["detail"]
+
+
+def test_an_aromatase_inhibitor_with_a_malformed_dosage_is_still_carded(make_app):
+    """Before: the statement was left out, the patient read as on no aromatase inhibitor, and no card came back."""
+    request = patient_view_request(bundle("V06"))
+    baseline = make_app().hook(PV, copy.deepcopy(request)).json()["cards"]
+    assert baseline
+    statements = [e["resource"] for key in request["prefetch"] for e in (request["prefetch"][key] or {}).get("entry", [])
+                  if e["resource"]["resourceType"] in ("MedicationStatement", "MedicationRequest")]
+    assert statements
+    for statement in statements:
+        statement["dosage"] = [{"text": 1}]  # a number where FHIR wants a string
+    cards = make_app().hook(PV, request).json()["cards"]
+    assert [c["summary"] for c in cards] == [c["summary"] for c in baseline]
+    assert "could be read only in part; the rest was used: check the chart" in cards[0]["detail"]
+    assert all(s["id"] not in json.dumps(cards[0]["detail"]) for s in statements)
 
 
 def test_an_invalid_resource_the_rules_cannot_read_changes_nothing(make_app):
@@ -125,9 +141,9 @@ def test_without_validation_nothing_is_dropped_or_reported(make_app):
 
 def validate_each(resources):
     """The reference: every resource validated alone, FHIR JSON types then its R4B model (`full_problem`)."""
-    from fhir_aibl.validation import JsonTypeError, full_problem
+    from fhir_aibl.validation import JsonTypeError, full_problem, salvage
 
-    good, bad = [], []
+    good, bad, partly = [], [], []
     for res in resources:
         try:
             problem = full_problem(res)
@@ -142,10 +158,15 @@ def validate_each(resources):
             with pytest.raises((ValidationError, ValueError, TypeError, KeyError)):
                 model_for(res["resourceType"]).model_validate(res)
         if problem is not None:
-            bad.append(f"`{res['resourceType']}/{res.get('id', '?')}`")
-            continue
+            kept = salvage(res, problem) if isinstance(problem, Exception) and not isinstance(problem, KeyError) else None
+            if kept is None:
+                bad.append(f"`{res['resourceType']}/{res.get('id', '?')}`")
+                continue
+            assert full_problem(kept.resource) is None  # what is read in part is valid
+            partly.append(f"`{res['resourceType']}/{res.get('id', '?')}`")
+            res = kept.resource
         good.append(res)
-    return good, bad
+    return good, bad, partly
 
 _BAD_VALUES = [None, "", " ", 0, 1.5, True, [], {}, [None], {"bogus": 1}, "{}", ["x"], [{}], {"coding": "x"}]
 
