@@ -1,0 +1,153 @@
+"""`fhir-aibl write-back` against `responses`: what the test server does not do (no transactions,
+413, a refused patient inside a batch, a 200 with a failed entry, 401 mid-run)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ..fhir.fakes import TYPES, FakeFhir, mock, outcome
+from .outputs import make_outputs, on_ai, write_back
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("outputs")
+    return on_ai(folder) if make_outputs(folder) else [], folder / "explained.json"
+
+
+def patients_of(transaction: dict) -> list[str]:
+    return sorted({e["resource"]["subject"]["reference"] for e in transaction["entry"]
+                   if e["resource"]["resourceType"] == "CarePlan"})
+
+
+class Server(FakeFhir):
+    """FakeFhir with plain creates and updates, and a hook that may refuse a transaction."""
+
+    def refuse(self, body: dict) -> tuple[int, dict] | None:
+        return None
+
+    def handle(self, method, path, params, body):
+        if method == "POST" and path == "" and (body or {}).get("type") == "transaction" and self.transaction:
+            refused = self.refuse(body)
+            if refused is not None:
+                return refused
+        rtype = path.split("/")[0]
+        if method in ("POST", "PUT") and rtype in TYPES:
+            self.transactions.append({"entry": [{"resource": body, "request": {"method": method, "url": path}}]})
+            return 201, {**body, "id": body.get("id") or f"c{len(self.transactions)}"}
+        return super().handle(method, path, params, body)
+
+
+def test_a_server_without_transactions_gets_each_patients_writes_one_by_one(outputs, tmp_path):
+    patients, source = outputs
+    server = Server(transaction=False, batch=False)
+    with mock() as rsps:
+        server.install(rsps)
+        run = write_back("--fhir-base", server.base, source, "--state", tmp_path)
+    assert run.code == 0, run.stderr
+    assert f"written {len(patients)}, unchanged 0, failed 0" in run.stderr
+    writes = [(m, u) for m, u in server.requests if m in ("POST", "PUT")]
+    assert not [u for _m, u in writes if u.rstrip("/") == server.base]  # no Bundle was sent
+    # each patient: the RiskAssessment, the CarePlan (a conditional create), the Provenance
+    assert len(writes) == 3 * len(patients)
+    assert len(server.searches_of("CarePlan")) == -(-len(patients) // 25)  # one search a batch
+
+
+def test_a_batch_too_large_is_halved_for_the_rest_of_the_run(outputs, tmp_path):
+    patients, source = outputs
+
+    class Small(Server):
+        def refuse(self, body):
+            if len(patients_of(body)) > 4:
+                self.too_large = getattr(self, "too_large", 0) + 1
+                return 413, outcome("request entity too large", "too-costly")
+            return None
+
+    server = Small()
+    with mock() as rsps:
+        server.install(rsps)
+        run = write_back("--fhir-base", server.base, source, "--state", tmp_path, "--batch-size", "10")
+    assert run.code == 0, run.stderr
+    assert f"written {len(patients)}, unchanged 0, failed 0" in run.stderr
+    assert "note: the server refused a batch as too large: 5 patients a batch from then on" in run.stderr
+    assert "note: the server refused a batch as too large: 2 patients a batch from then on" in run.stderr
+    sizes = [len(patients_of(t)) for t in server.transactions]
+    assert max(sizes) <= 4 and sum(sizes) == len(patients)
+    assert server.too_large == 3  # 10, then each 5 (halved to 2 and 3), then never again: 2 a batch
+
+
+def test_one_refused_patient_fails_alone_and_a_rerun_writes_it(outputs, tmp_path):
+    patients, source = outputs
+    bad = patients[7]
+
+    class Refusing(Server):
+        def refuse(self, body):
+            if bad in patients_of(body):
+                return 422, outcome("CarePlan.subject: this patient's record is locked", "business-rule")
+            return None
+
+    server = Refusing()
+    with mock() as rsps:
+        server.install(rsps)
+        run = write_back("--fhir-base", server.base, source, "--state", tmp_path)
+    assert run.code == 1, run.stderr
+    assert f"written {len(patients) - 1}, unchanged 0, failed 1" in run.stderr
+    assert f"failed: {bad}: write-back: " in run.stderr and "record is locked" in run.stderr
+    written = sorted(p for t in server.transactions for p in patients_of(t))
+    assert written == sorted(set(patients) - {bad})
+    journal = [json.loads(x) for x in (tmp_path / "journal.ndjson").read_text().splitlines()]
+    assert [r["patient"] for r in journal if r["outcome"] == "failed"] == [bad]
+
+    server = Server()  # the lock lifted: only that patient is tried again
+    with mock() as rsps:
+        server.install(rsps)
+        rerun = write_back("--fhir-base", server.base, source, "--state", tmp_path)
+    assert rerun.code == 0, rerun.stderr
+    assert f"written 1, unchanged {len(patients) - 1} ({len(patients) - 1} confirmed by the journal), failed 0" in rerun.stderr
+    assert [patients_of(t) for t in server.transactions] == [[bad]]
+
+
+def test_a_failed_entry_inside_a_200_fails_that_patient_only(outputs, tmp_path):
+    patients, source = outputs
+    bad = patients[3]
+
+    class NotAtomic(Server):
+        def handle(self, method, path, params, body):
+            status, answer = super().handle(method, path, params, body)
+            if method == "POST" and path == "" and body.get("type") == "transaction":
+                for entry, resource_entry in zip(answer["entry"], body["entry"]):
+                    if resource_entry["resource"].get("subject", {}).get("reference") == bad:
+                        entry["response"] = {"status": "400 Bad Request", "outcome": outcome("refused")}
+            return status, answer
+
+    server = NotAtomic()
+    with mock() as rsps:
+        server.install(rsps)
+        run = write_back("--fhir-base", server.base, source, "--state", tmp_path)
+    assert run.code == 1, run.stderr
+    assert f"written {len(patients) - 1}, unchanged 0, failed 1" in run.stderr
+    assert f"failed: {bad}: write-back: write-back transaction entry" in run.stderr
+
+
+def test_credentials_refused_mid_run_stop_it_and_nothing_more_is_attempted(outputs, tmp_path):
+    patients, source = outputs
+
+    class Expiring(Server):
+        def refuse(self, body):
+            if self.transactions:
+                return 401, outcome("token expired", "login")
+            return None
+
+    server = Expiring()
+    with mock() as rsps:
+        server.install(rsps)
+        run = write_back("--fhir-base", server.base, source, "--state", tmp_path, "--batch-size", "10")
+    assert run.code == 2, run.stderr
+    assert "fatal: the run stopped before every patient was attempted: the server refused the credentials" in run.stderr
+    assert f"written 10, unchanged 0, failed {len(patients) - 10}" in run.stderr
+    assert run.stderr.count("credentials refused: ") == 10  # the batch the 401 answered
+    assert run.stderr.count("not attempted: the server refused the credentials") == len(patients) - 20
+    assert server.requests[-1][0] == "POST"  # the refused transaction was the last request
+    assert len(server.transactions) == 1
