@@ -151,3 +151,32 @@ def test_credentials_refused_mid_run_stop_it_and_nothing_more_is_attempted(outpu
     assert run.stderr.count("not attempted: the server refused the credentials") == len(patients) - 20
     assert server.requests[-1][0] == "POST"  # the refused transaction was the last request
     assert len(server.transactions) == 1
+
+
+def test_a_server_refusing_several_patients_in_one_search_is_asked_one_a_patient(outputs, tmp_path):
+    patients, source = outputs
+
+    class OneAtATime(Server):
+        def search(self, rtype, params):
+            if any(name == "patient" and "," in value for name, value in params):
+                return 400, outcome("one patient per search", "not-supported")
+            return super().search(rtype, params)
+
+    server = OneAtATime()
+    with mock() as rsps:
+        server.install(rsps)
+        run = write_back("--fhir-base", server.base, source, "--state", tmp_path)
+    assert run.code == 0, run.stderr
+    assert "note: the server refused one search for several patients" in run.stderr
+    assert len(server.searches_of("CarePlan")) == 1 + len(patients)  # the refused one, then one a patient
+
+
+def test_a_patient_given_twice_is_written_once(outputs, tmp_path):
+    patients, source = outputs
+    server = Server()
+    with mock() as rsps:
+        server.install(rsps)
+        run = write_back("--fhir-base", server.base, source, source, "--state", tmp_path)
+    assert run.code == 1, run.stderr
+    assert f"written {len(patients)}, unchanged 0, failed 0" in run.stderr
+    assert f"error: {source}[0]: Patient/v01 was given before (at {source}[0]): this one is not written" in run.stderr
