@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TextIO
 
 from ..errors import AiblError
+from ..fhir.command import _positive
 from .batches import DEFAULT_BATCH, PopulationWriter, Progress, Tally
 
 DEFAULT_STATE = Path("out/write-back")
@@ -33,16 +34,6 @@ EXIT = """exit status:
   2  nothing could run (bad arguments or settings, server unreachable, credentials refused), or the run
      stopped before every patient was attempted (credentials refused mid-run, the server failing batch
      after batch)"""
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be above zero: {text!r}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_connection_arguments(parser)
     parser.add_argument(
-        "--batch-size", type=_positive_int, default=DEFAULT_BATCH, metavar="N",
+        "--batch-size", type=_positive(int), default=DEFAULT_BATCH, metavar="N",
         help=f"patients per transaction (default: {DEFAULT_BATCH}; 1: one transaction a patient, as run --write-back)",
     )
     parser.add_argument(
@@ -74,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="write back every patient given (default: only those on an aromatase inhibitor, active or planned)",
     )
     parser.add_argument(
-        "--progress-every", type=_positive_int, default=100, metavar="N",
+        "--progress-every", type=_positive(int), default=100, metavar="N",
         help="a progress line on stderr every N patients, and at least every 10 s (default: 100)",
     )
 

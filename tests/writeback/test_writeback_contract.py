@@ -22,6 +22,12 @@ def patients_of(transaction: dict) -> list[str]:
                    if e["resource"]["resourceType"] == "CarePlan"})
 
 
+def against(server: FakeFhir, *argv):
+    with mock() as rsps:
+        server.install(rsps)
+        return write_back("--fhir-base", server.base, *argv)
+
+
 class Server(FakeFhir):
     """FakeFhir with plain creates and updates, and a hook that may refuse a transaction."""
 
@@ -43,9 +49,7 @@ class Server(FakeFhir):
 def test_a_server_without_transactions_gets_each_patients_writes_one_by_one(outputs, tmp_path):
     patients, source = outputs
     server = Server(transaction=False, batch=False)
-    with mock() as rsps:
-        server.install(rsps)
-        run = write_back("--fhir-base", server.base, source, "--state", tmp_path)
+    run = against(server, source, "--state", tmp_path)
     assert run.code == 0, run.stderr
     assert f"written {len(patients)}, unchanged 0, failed 0" in run.stderr
     writes = [(m, u) for m, u in server.requests if m in ("POST", "PUT")]
@@ -66,9 +70,7 @@ def test_a_batch_too_large_is_halved_for_the_rest_of_the_run(outputs, tmp_path):
             return None
 
     server = Small()
-    with mock() as rsps:
-        server.install(rsps)
-        run = write_back("--fhir-base", server.base, source, "--state", tmp_path, "--batch-size", "10")
+    run = against(server, source, "--state", tmp_path, "--batch-size", "10")
     assert run.code == 0, run.stderr
     assert f"written {len(patients)}, unchanged 0, failed 0" in run.stderr
     assert "note: the server refused a batch as too large: 5 patients a batch from then on" in run.stderr
@@ -89,9 +91,7 @@ def test_one_refused_patient_fails_alone_and_a_rerun_writes_it(outputs, tmp_path
             return None
 
     server = Refusing()
-    with mock() as rsps:
-        server.install(rsps)
-        run = write_back("--fhir-base", server.base, source, "--state", tmp_path)
+    run = against(server, source, "--state", tmp_path)
     assert run.code == 1, run.stderr
     assert f"written {len(patients) - 1}, unchanged 0, failed 1" in run.stderr
     assert f"failed: {bad}: write-back: " in run.stderr and "record is locked" in run.stderr
@@ -101,9 +101,7 @@ def test_one_refused_patient_fails_alone_and_a_rerun_writes_it(outputs, tmp_path
     assert [r["patient"] for r in journal if r["outcome"] == "failed"] == [bad]
 
     server = Server()  # the lock lifted: only that patient is tried again
-    with mock() as rsps:
-        server.install(rsps)
-        rerun = write_back("--fhir-base", server.base, source, "--state", tmp_path)
+    rerun = against(server, source, "--state", tmp_path)
     assert rerun.code == 0, rerun.stderr
     assert f"written 1, unchanged {len(patients) - 1} ({len(patients) - 1} confirmed by the journal), failed 0" in rerun.stderr
     assert [patients_of(t) for t in server.transactions] == [[bad]]
@@ -123,9 +121,7 @@ def test_a_failed_entry_inside_a_200_fails_that_patient_only(outputs, tmp_path):
             return status, answer
 
     server = NotAtomic()
-    with mock() as rsps:
-        server.install(rsps)
-        run = write_back("--fhir-base", server.base, source, "--state", tmp_path)
+    run = against(server, source, "--state", tmp_path)
     assert run.code == 1, run.stderr
     assert f"written {len(patients) - 1}, unchanged 0, failed 1" in run.stderr
     assert f"failed: {bad}: write-back: write-back transaction entry" in run.stderr
@@ -141,9 +137,7 @@ def test_credentials_refused_mid_run_stop_it_and_nothing_more_is_attempted(outpu
             return None
 
     server = Expiring()
-    with mock() as rsps:
-        server.install(rsps)
-        run = write_back("--fhir-base", server.base, source, "--state", tmp_path, "--batch-size", "10")
+    run = against(server, source, "--state", tmp_path, "--batch-size", "10")
     assert run.code == 2, run.stderr
     assert "fatal: the run stopped before every patient was attempted: the server refused the credentials" in run.stderr
     assert f"written 10, unchanged 0, failed {len(patients) - 10}" in run.stderr
@@ -163,9 +157,7 @@ def test_a_server_refusing_several_patients_in_one_search_is_asked_one_a_patient
             return super().search(rtype, params)
 
     server = OneAtATime()
-    with mock() as rsps:
-        server.install(rsps)
-        run = write_back("--fhir-base", server.base, source, "--state", tmp_path)
+    run = against(server, source, "--state", tmp_path)
     assert run.code == 0, run.stderr
     assert "note: the server refused one search for several patients" in run.stderr
     assert len(server.searches_of("CarePlan")) == 1 + len(patients)  # the refused one, then one a patient
@@ -174,9 +166,7 @@ def test_a_server_refusing_several_patients_in_one_search_is_asked_one_a_patient
 def test_a_patient_given_twice_is_written_once(outputs, tmp_path):
     patients, source = outputs
     server = Server()
-    with mock() as rsps:
-        server.install(rsps)
-        run = write_back("--fhir-base", server.base, source, source, "--state", tmp_path)
+    run = against(server, source, source, "--state", tmp_path)
     assert run.code == 1, run.stderr
     assert f"written {len(patients)}, unchanged 0, failed 0" in run.stderr
     assert f"error: {source}[0]: Patient/v01 was given before (at {source}[0]): this one is not written" in run.stderr
