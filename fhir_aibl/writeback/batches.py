@@ -51,6 +51,8 @@ from .journal import Journal, content_hash
 DEFAULT_BATCH = 25
 #: batches in a row failed by an outage before the run stops
 OUTAGE_STOP = 3
+#: batches whose one search is checked against a search for one of its patients, until one has a CarePlan
+PROBES = 3
 _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 
 
@@ -99,6 +101,8 @@ class PopulationWriter:
         )
         self.by_identifier = caps.search_param("CarePlan", "identifier") is not False
         self.one_search = True  #: the existing CarePlans of a batch in one search, until the server refuses it
+        self.one_search_verified = False
+        self.probes = 0
         self.outages = 0
         self.tally = Tally()
         self.tally.setup_requests = client.stats.requests
@@ -197,7 +201,7 @@ class PopulationWriter:
             try:
                 plans = self.client.search(self._spec(group))
             except (IgnoredParameter, NotSupported, PageLimit, ServerError) as exc:
-                if len(group) == 1 or isinstance(exc, AuthError) or (
+                if len(group) == 1 or (
                     isinstance(exc, ServerError) and (exc.status >= 500 or exc.status == 429)
                 ):
                     raise
@@ -210,7 +214,36 @@ class PopulationWriter:
                 pid = patient_of(plan, self.client.base_url)
                 if pid in wanted:  # never another patient's plan, whatever the server answered
                     found.setdefault(pid, {})[plan["id"]] = plan
-        return {pid: [plans[k] for k in sorted(plans)] for pid, plans in found.items()}
+        result = {pid: [plans[k] for k in sorted(plans)] for pid, plans in found.items()}
+        if len(searches) == 1 and len(ids) > 1 and not self.one_search_verified:
+            self._check_one_search(ids, result)
+            if not self.one_search:
+                return self._existing(ids)
+        return result
+
+    def _check_one_search(self, ids: list[str], result: dict[str, list[dict]]) -> None:
+        """A server that took `patient=a,b` for one id named "a,b" (or for "a") would answer too
+        little, and a patient's earlier CarePlan would not be revoked. The answer is trusted once
+        it names CarePlans of two patients; until then (at most PROBES batches) a patient it
+        gave none is asked alone, and must have none."""
+        if len(result) >= 2:
+            self.one_search_verified = True
+            return
+        if self.probes >= PROBES:
+            return
+        self.probes += 1
+        probe = next(pid for pid in reversed(ids) if pid not in result)
+        if self._existing_one(probe):
+            self.one_search = False
+            self.tally.notes.append("the server's answer to one search for several patients missed CarePlans: "
+                                    "one search a patient")
+
+    def _existing_one(self, pid: str) -> list[str]:
+        return [
+            plan["id"] for plan in self.client.search(self._spec([pid]))
+            if plan.get("resourceType") == "CarePlan" and plan.get("id") and identifier_of(plan) is not None
+            and patient_of(plan, self.client.base_url) == pid
+        ]
 
     def _spec(self, ids: list[str]) -> SearchSpec:
         params = [(self.patient_param, ",".join(ids))]

@@ -7,6 +7,9 @@ import json
 
 import pytest
 
+from fhir_aibl.careplan import IDENTIFIER_SYSTEM
+from fhir_aibl.writeback.batches import PROBES
+
 from ..fhir.fakes import TYPES, FakeFhir, mock, outcome
 from .outputs import make_outputs, on_ai, write_back
 
@@ -56,7 +59,9 @@ def test_a_server_without_transactions_gets_each_patients_writes_one_by_one(outp
     assert not [u for _m, u in writes if u.rstrip("/") == server.base]  # no Bundle was sent
     # each patient: the RiskAssessment, the CarePlan (a conditional create), the Provenance
     assert len(writes) == 3 * len(patients)
-    assert len(server.searches_of("CarePlan")) == -(-len(patients) // 25)  # one search a batch
+    batches = -(-len(patients) // 25)
+    # one search a batch, and one patient asked alone while no answer has shown the batch search works
+    assert len(server.searches_of("CarePlan")) == batches + min(batches, PROBES)
 
 
 def test_a_batch_too_large_is_halved_for_the_rest_of_the_run(outputs, tmp_path):
@@ -170,3 +175,21 @@ def test_a_patient_given_twice_is_written_once(outputs, tmp_path):
     assert run.code == 1, run.stderr
     assert f"written {len(patients)}, unchanged 0, failed 0" in run.stderr
     assert f"error: {source}[0]: Patient/v01 was given before (at {source}[0]): this one is not written" in run.stderr
+
+
+def test_a_server_that_misreads_several_patients_in_one_search_is_caught(outputs, tmp_path):
+    """The fake server reads `patient=a,b` as one id named "a,b", and answers nothing: the earlier
+    CarePlans would stay live beside the new ones. Asking one patient alone shows it."""
+    patients, source = outputs
+    old = [
+        {"resourceType": "CarePlan", "id": f"old-{n}", "meta": {"versionId": "1"}, "status": "draft",
+         "intent": "proposal", "subject": {"reference": p}, "identifier": [{"system": IDENTIFIER_SYSTEM, "value": "old"}]}
+        for n, p in enumerate(patients)
+    ]
+    server = Server(resources=old)
+    run = against(server, source, "--state", tmp_path)
+    assert run.code == 0, run.stderr
+    assert "note: the server's answer to one search for several patients missed CarePlans" in run.stderr
+    revoked = sorted(e["resource"]["subject"]["reference"] for t in server.transactions for e in t["entry"]
+                     if e["resource"]["resourceType"] == "CarePlan" and e["resource"]["status"] == "revoked")
+    assert revoked == patients  # every earlier CarePlan revoked by the new one
