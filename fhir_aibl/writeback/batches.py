@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from ..careplan import IDENTIFIER_SYSTEM, Catalogue
 from ..errors import AiblError
 from ..fhir.client import FhirClient, SearchSpec
-from ..fhir.errors import AuthError, FhirError, IgnoredParameter, NotSupported, PageLimit, ServerError
+from ..fhir.errors import AuthError, Conflict, FhirError, IgnoredParameter, NotSupported, PageLimit, ServerError
 from ..fhir.pull import patient_of
 from ..fhir.writeback import (
     WriteModes,
@@ -253,7 +253,7 @@ class PopulationWriter:
         return SearchSpec("CarePlan", tuple(params))
 
     # -- sending -----------------------------------------------------------------------------------
-    def _send(self, plans: list[tuple[Item, WritePlan]]) -> None:
+    def _send(self, plans: list[tuple[Item, WritePlan]], *, again: bool = True) -> None:
         bundle = {
             "resourceType": "Bundle",
             "type": "transaction",
@@ -278,6 +278,8 @@ class PopulationWriter:
                     half = len(plans) // 2
                     self._send(plans[:half])
                     self._send(plans[half:])
+                elif isinstance(exc, Conflict) and again:
+                    self._decide_again(plans[0][0], exc)
                 else:
                     self._fail(plans[0][0], _reason(exc))
                 return
@@ -297,6 +299,23 @@ class PopulationWriter:
                 self._fail(item, _reason(exc))
                 continue
             self._done(item, plan, outcome_of(plan, part).careplan_id, "written")
+
+    def _decide_again(self, item: Item, conflict: FhirError) -> None:
+        """A 409/412 for one patient: a CarePlan changed since it was read (a clinician's edit, a
+        racing run). Read it again and decide again, once, as `run --write-back` does."""
+        try:
+            existing = self._existing([item.patient.split("/", 1)[1]])
+            plan = self._plan(item, existing.get(item.patient.split("/", 1)[1], []))
+        except AuthError as exc:
+            self._stop([item], exc)
+            return
+        except AiblError as exc:
+            self._fail(item, f"{_reason(conflict)}; read again: {exc}")
+            return
+        if plan.bundle is None:
+            self._done(item, plan, None, "unchanged")
+        else:
+            self._send([(item, plan)], again=False)
 
     # -- outcomes ----------------------------------------------------------------------------------
     def _done(self, item: Item, plan: WritePlan, careplan: str | None, outcome: str) -> None:

@@ -17,9 +17,9 @@ from ..fhir.conftest import CommandRun, shared_assessor
 SHAPES = ("explained-array", "assessment-lines", "fhir-bundle", "resource-ndjson")
 
 
-def make_outputs(folder: Path, paths: list[Path] | None = None) -> dict[str, list[Path]]:
-    """Every shape of the same assessments; {shape: FROM paths}, and the patients on an AI."""
-    assessor = shared_assessor()
+def make_outputs(folder: Path, paths: list[Path] | None = None, assessor=None) -> dict[str, list[Path]]:
+    """Every shape of the same assessments; {shape: FROM paths}."""
+    assessor = assessor or shared_assessor()
     problems: list = []
     records = iter_records(paths or [FIXTURES / "bundles"], terminology=assessor.terminology)
     made = list(with_careplans(assessor, records, AS_OF, problems))

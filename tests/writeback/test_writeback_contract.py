@@ -193,3 +193,38 @@ def test_a_server_that_misreads_several_patients_in_one_search_is_caught(outputs
     revoked = sorted(e["resource"]["subject"]["reference"] for t in server.transactions for e in t["entry"]
                      if e["resource"]["resourceType"] == "CarePlan" and e["resource"]["status"] == "revoked")
     assert revoked == patients  # every earlier CarePlan revoked by the new one
+
+
+def test_a_conflict_for_one_patient_is_read_and_decided_again_once(outputs, tmp_path):
+    patients, source = outputs
+    bad = patients[11]
+
+    class Edited(Server):
+        conflicts = 0
+
+        def refuse(self, body):
+            if bad not in patients_of(body):
+                return None
+            if len(patients_of(body)) == 1:  # the patient alone: refused once, then a fresh decision passes
+                self.conflicts += 1
+                if self.conflicts > 1:
+                    return None
+            return 412, outcome("version conflict: the CarePlan changed", "conflict")
+
+    server = Edited()
+    run = against(server, source, "--state", tmp_path)
+    assert run.code == 0, run.stderr
+    assert f"written {len(patients)}, unchanged 0, failed 0" in run.stderr
+    assert [patients_of(t) for t in server.transactions].count([bad]) == 1  # written once, after reading again
+    alone = [u for _m, u in server.requests if "CarePlan?" in u and f"patient={bad.split('/')[1]}&" in u]
+    assert len(alone) == 1  # the patient's CarePlans read again
+
+    class Always(Edited):
+        def refuse(self, body):
+            if bad in patients_of(body):
+                return 412, outcome("version conflict: the CarePlan changed", "conflict")
+            return None
+
+    server = Always()
+    run = against(server, source, "--state", tmp_path / "again")
+    assert run.code == 1 and f"failed: {bad}: write-back: " in run.stderr and "version conflict" in run.stderr

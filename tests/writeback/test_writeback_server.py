@@ -153,3 +153,23 @@ def test_an_interrupted_run_resumes_to_the_same_end_state(outputs, fresh_server,
     assert_one_each(fresh_server, patients)
     again = write_back("--fhir-base", fresh_server, *shapes["fhir-bundle"], "--state", tmp_path / "check")
     assert again.code == 0 and f"written 0, unchanged {n}, failed 0" in again.stderr, again.stderr
+
+
+def test_a_changed_assessment_replaces_the_live_careplan(outputs, fresh_server, tmp_path):
+    """Assessed again under another boundary mode, every patient's CarePlan has a new identifier:
+    the journal does not skip them, and each new CarePlan revokes the one before."""
+    from fhir_aibl.assess import Assessor
+
+    folder, shapes = outputs
+    patients = on_ai(folder)
+    other = make_outputs(tmp_path / "hadji", assessor=Assessor(mode="hadji"))
+    assert write_back("--fhir-base", fresh_server, *shapes["explained-array"], "--state", tmp_path / "s").code == 0
+    live_before, _ = end_state(fresh_server)
+    second = write_back("--fhir-base", fresh_server, *other["resource-ndjson"], "--state", tmp_path / "s")
+    assert second.code == 0, second.stderr
+    assert f"patients found {len(patients)}, written {len(patients)}, unchanged 0, failed 0" in second.stderr
+    assert_one_each(fresh_server, patients)
+    live_after, _ = end_state(fresh_server)
+    assert all(live_after[p] != live_before[p] for p in patients)
+    revoked = {p["id"] for p in _all(fresh_server, f"CarePlan?identifier={IDENTIFIER_SYSTEM}|&status=revoked&_count=500")}
+    assert {ids[0] for ids in live_before.values()} <= revoked
