@@ -162,6 +162,9 @@ class PopulationWriter:
             except AiblError as exc:
                 self._fail(item, f"write-back: {exc}")
                 continue
+            except Exception as exc:  # noqa: BLE001 - resources of a shape no check foresaw: this patient fails
+                self._fail(item, f"write-back: unexpected error ({type(exc).__name__}: {str(exc)[:200]})")
+                continue
             if plan.bundle is None:
                 self._done(item, plan, None, "unchanged")
             else:
@@ -179,6 +182,9 @@ class PopulationWriter:
                 return
             except AiblError as exc:
                 self._fail(item, _reason(exc))
+                continue
+            except Exception as exc:  # noqa: BLE001 - a server answer nobody foresaw: this patient fails
+                self._fail(item, f"write-back: unexpected error ({type(exc).__name__}: {str(exc)[:200]})")
                 continue
             self._done(item, plan, outcome.careplan_id, "written")
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import logging
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -27,6 +28,7 @@ from ..fhir.command import _positive
 from .batches import DEFAULT_BATCH, PopulationWriter, Progress, Tally
 
 DEFAULT_STATE = Path("out/write-back")
+log = logging.getLogger("fhir_aibl.fhir")
 HELP = "write CarePlans back to a FHIR server from the output of a population run, in batches, resumably"
 EXIT = """exit status:
   0  every patient given was written or found unchanged
@@ -109,7 +111,20 @@ def summary(tally: Tally, found: int) -> list[str]:
 def run(args: argparse.Namespace, *, session=None, environ=None, stdout: TextIO | None = None,
         stderr: TextIO | None = None) -> int:
     out, err = stdout or sys.stdout, stderr or sys.stderr
+    handler = None
+    if args.debug_phi:  # as `run`: every request URL (they carry patient ids) to stderr
+        handler = logging.StreamHandler(err)
+        handler.setFormatter(logging.Formatter("debug: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.DEBUG)
+    try:
+        return _run(args, session=session, environ=environ, out=out, err=err)
+    finally:
+        if handler is not None:
+            log.removeHandler(handler)
 
+
+def _run(args: argparse.Namespace, *, session, environ, out: TextIO, err: TextIO) -> int:
     def say(text: str) -> None:
         print(text, file=err, flush=True)
 

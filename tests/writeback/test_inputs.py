@@ -72,3 +72,23 @@ def test_a_careplan_and_a_risk_assessment_about_two_patients_are_refused(outputs
     reading = read_inputs([path])
     assert not reading.items
     assert "are not about one Patient" in reading.refused[0].reason
+
+
+def test_a_careplan_of_an_unforeseen_shape_fails_its_patient_only(outputs, tmp_path):
+    from ..fhir.fakes import FakeFhir, mock
+    from .outputs import write_back
+
+    folder, _shapes = outputs
+    bundle = json.loads((folder / "bundle.json").read_text())
+    entries = [e["resource"] for e in bundle["entry"]]
+    broken = next(r for r in entries if r["resourceType"] == "CarePlan" and r.get("activity"))
+    broken["activity"] = "not a list"
+    path = tmp_path / "resources.ndjson"
+    path.write_text("".join(json.dumps(r) + "\n" for r in entries))
+    server = FakeFhir()
+    with mock() as rsps:
+        server.install(rsps)
+        run = write_back("--fhir-base", server.base, path, "--state", tmp_path / "state")
+    assert run.code == 1, run.stderr
+    assert f"failed: {broken['subject']['reference']}: write-back: " in run.stderr
+    assert f"written {len(on_ai(folder)) - 1}, unchanged 0, failed 1" in run.stderr
