@@ -166,6 +166,11 @@ def _run(args: argparse.Namespace, *, session, environ, out: TextIO, err: TextIO
         return 2
     try:
         tally = writer.run(items)
+    except Exception as exc:  # noqa: BLE001 - the run ends with its summary, never a traceback
+        log.debug("unexpected error in the write-back", exc_info=True)
+        say(f"fatal: unexpected error ({type(exc).__name__}: {str(exc)[:200]})")
+        tally = writer.tally
+        tally.stopped = tally.stopped or "an unexpected error"
     finally:
         journal.close()
     progress(tally, final=True)
