@@ -138,14 +138,17 @@ def _values(path: Path, refused: list[Refused]) -> Iterator[tuple[str, Any]]:
         try:
             value = loads(data)
         except ValueError as exc:
-            refused.append(Refused(str(path), f"not JSON, nor JSON lines: {exc}"))
-            return
-        if isinstance(value, list):
-            for i, element in enumerate(value):
-                yield f"{path}[{i}]", element
+            # JSON lines whose first line is damaged are still JSON lines: the others are read
+            if not any(line.strip().startswith(b"{") and _parses(line) for line in data.split(b"\n")[1:]):
+                refused.append(Refused(str(path), f"not JSON, nor JSON lines: {exc}"))
+                return
         else:
-            yield str(path), value
-        return
+            if isinstance(value, list):
+                for i, element in enumerate(value):
+                    yield f"{path}[{i}]", element
+            else:
+                yield str(path), value
+            return
     for number, line in enumerate(data.split(b"\n"), start=1):
         if not line.strip():
             continue

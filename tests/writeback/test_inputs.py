@@ -92,3 +92,16 @@ def test_a_careplan_of_an_unforeseen_shape_fails_its_patient_only(outputs, tmp_p
     assert run.code == 1, run.stderr
     assert f"failed: {broken['subject']['reference']}: write-back: " in run.stderr
     assert f"written {len(on_ai(folder)) - 1}, unchanged 0, failed 1" in run.stderr
+
+
+def test_json_lines_whose_first_line_is_damaged_are_read_past_it(outputs, tmp_path):
+    folder, _shapes = outputs
+    explained = json.loads((folder / "explained.json").read_text())
+    path = tmp_path / "part-00000.json"
+    path.write_text('{"patient": "Patient/cut-sh\n' + "".join(json.dumps(a) + "\n" for a in explained[:3]))
+    reading = read_inputs([path])
+    assert [i.patient for i in reading.items] == [a["patient"] for a in explained[:3]]
+    assert [r.where for r in reading.refused] == [f"{path}:1"]
+    (tmp_path / "bad.json").write_text("{\n  \"resourceType\": \"Bundle\",\n")
+    reading = read_inputs([tmp_path / "bad.json"])
+    assert not reading.items and reading.refused[0].reason.startswith("not JSON, nor JSON lines")
