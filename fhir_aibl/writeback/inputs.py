@@ -29,14 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fhir.resources.R4B.identifier import Identifier
 from pydantic import ValidationError
 
 from ..assessment import Assessment, RulesetInfo
-from fhir.resources.R4B.identifier import Identifier
-
 from ..careplan import CATEGORY_SYSTEM, IDENTIFIER_SYSTEM, RULESET_SYSTEM, business_identifier, full_url
-from ..jsoninput import loads
 from ..fhir.writeback import identifier_of
+from ..jsoninput import loads
 
 #: Files a folder is read for; anything else in it (Parquet, _SUCCESS, .crc) is left alone.
 SUFFIXES = (".json", ".ndjson", ".jsonl")
