@@ -173,3 +173,50 @@ def test_a_changed_assessment_replaces_the_live_careplan(outputs, fresh_server, 
     assert all(live_after[p] != live_before[p] for p in patients)
     revoked = {p["id"] for p in _all(fresh_server, f"CarePlan?identifier={IDENTIFIER_SYSTEM}|&status=revoked&_count=500")}
     assert {ids[0] for ids in live_before.values()} <= revoked
+
+
+class SlowWrites(FaultProxy):
+    """Every POST answered `delay` seconds late (well within the client's timeout): a run slow
+    enough to be killed part-way."""
+
+    def __init__(self, upstream: str, delay: float):
+        super().__init__(upstream, FaultPlan(rate=0.0, delay=delay))
+
+    def draw(self, method: str) -> str | None:
+        return "delay" if method == "POST" else None
+
+
+def test_a_killed_run_resumes_to_the_same_end_state(outputs, fresh_server, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ..conftest import ROOT
+
+    folder, shapes = outputs
+    patients = on_ai(folder)
+    state = tmp_path / "state"
+    journal = state / "journal.ndjson"
+    env = {k: v for k, v in os.environ.items() if k != "FHIR_AIBL_TOKEN"}
+    with SlowWrites(fresh_server, delay=0.4) as proxy:
+        argv = [sys.executable, "-m", "fhir_aibl.cli", "write-back", "--fhir-base", proxy.base_url,
+                *map(str, shapes["resource-ndjson"]), "--state", str(state), "--batch-size", "5"]
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and proc.poll() is None:
+                if journal.is_file() and len(journal.read_text().splitlines()) >= 10:
+                    break
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+        done = len(journal.read_text().splitlines())
+        assert 10 <= done < len(patients)
+        resumed = write_back("--fhir-base", proxy.base_url, *shapes["resource-ndjson"], "--state", state)
+    assert resumed.code == 0, resumed.stderr
+    assert f"({done} confirmed by the journal), failed 0" in resumed.stderr
+    assert_one_each(fresh_server, patients)
