@@ -162,6 +162,9 @@ def _parser() -> argparse.ArgumentParser:
     fhir_command.add_arguments(run)
     export = _sub(sub, "export", "export patients' data with FHIR Bulk Data ($export) into a folder", EXIT_EXPORT)
     fhir_command.add_arguments(export, run=False)
+    from .writeback import command as writeback_command
+
+    writeback_command.add_arguments(_sub(sub, "write-back", writeback_command.HELP, writeback_command.EXIT))
     serve = _sub(sub, "serve", "serve AIBL decision support to EHRs as a CDS Hooks 2.0 service", EXIT_SERVE)
 
     cds_command.add_arguments(serve)
@@ -453,6 +456,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .bulk.command import run_export
 
             return run_export(args)
+        if args.command == "write-back":
+            from .writeback import command as writeback_command
+
+            return writeback_command.run(args)
         if args.command == "serve":
             from .cds import command as cds_command
 

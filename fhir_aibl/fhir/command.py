@@ -70,8 +70,6 @@ def add_arguments(parser: argparse.ArgumentParser, *, run: bool = True) -> None:
     """The options of `run`; with `run=False` (`fhir-aibl export`) no patient selection is required."""
     # No abbreviations: `--token SECRET` must be refused, not taken for `--token-file SECRET`.
     parser.allow_abbrev = False
-    defaults = ClientSettings()
-    retry = RetrySettings()
     parser.add_argument(
         "--fhir-base", required=True, metavar="URL", help="FHIR R4 base URL, e.g. https://ehr.example/fhir/R4"
     )
@@ -104,6 +102,28 @@ def add_arguments(parser: argparse.ArgumentParser, *, run: bool = True) -> None:
     parser.add_argument(
         "--explain", action="store_true", help="json: add as_of, ruleset and every finding's rules and evidence"
     )
+    add_connection_arguments(parser)
+    parser.add_argument(
+        "--workers",
+        type=_positive(int),
+        default=None,
+        metavar="N",
+        help="patients in flight at once, each in a worker process of its own (default: 1); the same outcomes",
+    )
+    parser.add_argument(
+        "--progress",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="progress bar on stderr for --all (default: auto, when stderr is a terminal)",
+    )
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """How to reach the server and what to decide with: the profile, the rules, authentication,
+    HTTP behaviour (`run`, `export`, and `write-back`, which has no patient selection)."""
+    parser.allow_abbrev = False
+    defaults = ClientSettings()
+    retry = RetrySettings()
     parser.add_argument(
         "--profile", choices=sorted(PROFILES), default="generic", help="server vendor profile (default: generic)"
     )
@@ -158,19 +178,6 @@ def add_arguments(parser: argparse.ArgumentParser, *, run: bool = True) -> None:
         type=_positive(int),
         default=defaults.max_pages,
         help=f"pages per search (default: {defaults.max_pages})",
-    )
-    parser.add_argument(
-        "--workers",
-        type=_positive(int),
-        default=None,
-        metavar="N",
-        help="patients in flight at once, each in a worker process of its own (default: 1); the same outcomes",
-    )
-    parser.add_argument(
-        "--progress",
-        choices=("auto", "always", "never"),
-        default="auto",
-        help="progress bar on stderr for --all (default: auto, when stderr is a terminal)",
     )
     parser.add_argument(
         "--debug-phi",

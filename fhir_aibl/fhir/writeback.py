@@ -205,8 +205,32 @@ def plan_write(
     `values`: the patient's values and their dates, which the CarePlan's text names."""
     now = (now or dt.datetime.now(dt.timezone.utc)).replace(microsecond=0)
     risk, plan = build_resources(assessment, catalogue, created=now, values=values)
-    ident = plan.identifier[0]
-    value = str(ident.value)
+    return plan_write_resources(_dump(risk), _dump(plan), existing, source=assessment, modes=modes,
+                                base_url=base_url, now=now)
+
+
+def plan_write_resources(
+    risk_json: dict,
+    plan_json: dict,
+    existing: list[dict],
+    *,
+    source: Any,
+    modes: WriteModes,
+    base_url: str,
+    now: dt.datetime | None = None,
+) -> WritePlan:
+    """The decision of `plan_write` for a RiskAssessment and CarePlan already built (by
+    `build_resources`, here or in another process: the population write-back reads them from
+    files). `source`: what the Provenance names, an Assessment or anything with its `patient`,
+    `ruleset` (RulesetInfo) and `evidence`. The dicts become the plan's: pass ones of your own."""
+    now = (now or dt.datetime.now(dt.timezone.utc)).replace(microsecond=0)
+    assessment = source
+    value = identifier_of(plan_json)
+    if value is None or identifier_of(risk_json) != value:
+        raise WriteBackError(
+            "the CarePlan and the RiskAssessment must carry one fhir-aibl identifier", resource=assessment.patient
+        )
+    ident = Identifier(system=IDENTIFIER_SYSTEM, value=value)
     same = [c for c in existing if identifier_of(c) == value]
     same_live = [c for c in same if c.get("status") in LIVE]
     to_revoke = [c for c in existing if c.get("status") in LIVE and identifier_of(c) != value]
@@ -238,7 +262,6 @@ def plan_write(
     ]
     if not same:
         result.action = "create"
-        risk_json, plan_json = _dump(risk), _dump(plan)
         risk_urn = full_url("RiskAssessment", ident)
         plan_urn = full_url("CarePlan", ident)
         if modes.client_ids_risk:
@@ -359,21 +382,32 @@ def apply_plan(client: FhirClient, plan: WritePlan, modes: WriteModes) -> WriteO
     entries = plan.bundle["entry"]
     if modes.transaction:
         answers = client.transaction(plan.bundle, what="write-back transaction")
-        for entry, answer in zip(entries, answers, strict=True):
-            status = entry_status(answer)
-            if not 200 <= status < 300:
-                # a server must fail the whole transaction; one answering a failed entry inside a
-                # 200 has not applied it atomically, and says so here
-                raise server_error(
-                    status or 500,
-                    "",
-                    (answer.get("response") or {}).get("outcome"),
-                    what=(
-                        f"write-back transaction entry {entry['request']['method']} {entry['resource']['resourceType']}"
-                    ),
-                )
+        check_answers(plan, answers)
     else:
         answers = _sequential(client, entries)
+    outcome = outcome_of(plan, answers)
+    outcome.requests = client.stats.requests - before
+    return outcome
+
+
+def check_answers(plan: WritePlan, answers: list[dict], *, what: str = "write-back transaction") -> None:
+    """Raise the error of the first entry a transaction answered with a failure status: a
+    server must fail the whole transaction; one answering a failed entry inside a 200 has not
+    applied it atomically, and says so here."""
+    for entry, answer in zip(plan.bundle["entry"], answers, strict=True):  # type: ignore[index]
+        status = entry_status(answer)
+        if not 200 <= status < 300:
+            raise server_error(
+                status or 500,
+                "",
+                (answer.get("response") or {}).get("outcome"),
+                what=f"{what} entry {entry['request']['method']} {entry['resource']['resourceType']}",
+            )
+
+
+def outcome_of(plan: WritePlan, answers: list[dict]) -> WriteOutcome:
+    """What a sent plan gave, from the server's answers to its entries (in the plan's order)."""
+    entries = plan.bundle["entry"] if plan.bundle is not None else []
     careplan_id = plan.careplan_id
     matched = False
     for entry, answer in zip(entries, answers, strict=True):
@@ -386,9 +420,7 @@ def apply_plan(client: FhirClient, plan: WritePlan, modes: WriteModes) -> WriteO
             and entry["resource"].get("id", "").startswith("aibl-")
         ):
             careplan_id = entry["resource"]["id"]
-    return WriteOutcome(
-        action=plan.action, requests=client.stats.requests - before, careplan_id=careplan_id, matched_existing=matched
-    )
+    return WriteOutcome(action=plan.action, requests=0, careplan_id=careplan_id, matched_existing=matched)
 
 
 def _answered_id(answer: Mapping[str, Any]) -> str | None:
