@@ -85,6 +85,8 @@ def export_to(
     since: str | None = None,
     incremental: bool = False,
     warn: Callable[[str], None] = lambda text: None,
+    run: bool = False,
+    warn_missing: bool = True,
 ) -> ExportResult:
     """Kick off, wait, download every file into a new folder of `out`, check, delete the job."""
     out.mkdir(parents=True, exist_ok=True)
@@ -114,7 +116,7 @@ def export_to(
     if not_deleted:
         result.warnings.append(not_deleted)
         warn(not_deleted)
-    for rtype in missing_types(types, manifest):
+    for rtype in missing_types(types, manifest) if warn_missing else ():
         text = (
             f"the export has no {rtype}: either there is none"
             f"{' changed since ' + since if since else ''}, or the server left the type out"
@@ -131,11 +133,49 @@ def export_to(
                 "group": group,
                 "types": list(types),
                 "since": since,
+                "filters": list(type_filters),
                 "folder": folder.name,
                 "files": [p.name for p in result.files],
+                # run --bulk: "pending" until the run that exported it is complete (`run_complete`)
+                **({"run": "pending"} if run else {}),
             },
             indent=2,
         )
         + "\n"
     )
     return result
+
+
+def pending_export(
+    out: Path, *, level: str, group: str | None, types: tuple[str, ...], type_filters: tuple[str, ...] = (),
+    since: str | None,
+) -> ExportResult | None:
+    """The last export in `out` if a `run --bulk` downloaded it completely and did not finish, with the
+    same settings (and the same `_since`): that run is resumed from it instead of exporting again."""
+    state = read_state(out)
+    if state is None or state.get("run") != "pending":
+        return None
+    if (state.get("level"), state.get("group"), state.get("types"), state.get("since")) != (
+        level, group, list(types), since
+    ) or state.get("filters", []) != list(type_filters):
+        return None
+    folder = out / str(state.get("folder") or "")
+    files = [folder / str(name) for name in state.get("files") or []]
+    if not folder.is_dir() or not all(path.is_file() for path in files):
+        return None
+    manifest = Manifest(transaction_time=state["transactionTime"], request="", requires_token=False, output=[], error=[])
+    result = ExportResult(folder=folder, manifest=manifest, files=files, since=since)
+    from .client import _outcome_messages
+
+    for path in sorted((folder / "errors").glob("error.*.ndjson")):
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            result.errors.extend(_outcome_messages(line))
+    return result
+
+
+def run_complete(out: Path) -> None:
+    """The run that exported the last export is complete: a later run exports again."""
+    state = read_state(out)
+    if state is not None and state.get("run") == "pending":
+        state["run"] = "done"
+        (out / STATE).write_text(json.dumps(state, indent=2) + "\n")
