@@ -221,7 +221,9 @@ class BulkClient:
                 resp = self._get(url, headers, same_origin)
             except FhirError as exc:
                 if have and getattr(exc, "status", None) == 416:
-                    continue  # nothing to resume from: the part does not belong to this file
+                    part.unlink(missing_ok=True)  # no bytes after the part's: it is not this file's beginning
+                    sidecar.unlink(missing_ok=True)
+                    continue
                 raise
             if resp.status_code == 206:
                 if not have or not _continues(resp, known, have):
