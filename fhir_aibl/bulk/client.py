@@ -15,7 +15,9 @@ its typed errors. What is particular to Bulk Data is here:
 - downloads (`download`) streamed to disk, to a temporary name renamed when complete, with
   the token when the manifest says `requiresAccessToken` (the seam only ever sends it to the
   server's own origin; a file on another origin is fetched without it, and refused when the
-  manifest says a token is required), each retried as a whole on a transport error;
+  manifest says a token is required); a download cut part-way keeps its bytes and is resumed
+  with `Range` (and `If-Range`), a 206 appended only when it continues those bytes of the same
+  file, a 200 or 416 restarting it from byte 0 (`_download_once`);
 - `delete` of the job when done (202 or 404 both mean it is gone).
 """
 
@@ -75,7 +77,7 @@ class PollSettings:
     #: First wait when the server gives no Retry-After; doubled each time up to `max_interval`.
     interval: float = 1.0
     max_interval: float = 60.0
-    #: Attempts per file download (a transport error mid-body restarts the file).
+    #: Attempts per file download (a transport error mid-body resumes the file from the bytes received).
     download_attempts: int = 3
 
 

@@ -2,13 +2,15 @@
 
     fhir-aibl export --fhir-base URL [--group ID | --level system|patient] [--out DIR] [--since INSTANT | --incremental]
     fhir-aibl run --bulk --fhir-base URL [--group ID] [--out DIR] [--format table|json] [--workers N]
-                 [--write-back] [--worklist CSV]
+                 [--write-back] [--worklist CSV] [--incremental [--full]]
 
 Both take the connection options of `run` (authentication, timeouts, retries). `export`
 writes NDJSON files and `state.json` into the output folder and prints where;
 `run --bulk` exports, then assesses the files exactly as `fhir-aibl assess` assesses them
 (the same output, in the same order), on `--workers` processes, and with `--write-back`
-writes them back (bulk/writeback.py).
+writes them back (bulk/writeback.py). With `--incremental` it exports only what changed since
+the last complete run and merges it into the store in the output folder (bulk/incremental.py).
+A run killed after its export was downloaded is resumed from that export by running it again.
 
 Exit status: 0 when everything was exported (and assessed, and written back); 1 when the
 server reported errors in the manifest's error files, some input was rejected or a write

@@ -6,7 +6,9 @@ The folder holds `state.json` (the last complete export: its `transactionTime`, 
 group, types and files folder) and one folder of NDJSON per export. With `incremental`,
 the kick-off asks only for what changed since the last complete export's transaction time
 (`_since`); a new `state.json` is written only when an export is complete (every file
-downloaded), so an interrupted export is simply done again.
+downloaded), so an interrupted export is simply done again. An export of `run --bulk` is
+marked `"run": "pending"` until that run is complete (`run_complete`); `pending_export` finds
+it again for a run of the same settings, which then assesses it instead of exporting again.
 
 The manifest is checked against the types asked for: a type the rules read that is not in
 the output is a warning naming it and what its absence means for the assessments (a server
