@@ -267,7 +267,11 @@ def _run_bulk(args, assessor, environ, session, out, err, opened) -> int:
         failed = bool(report.failed)
     if incremental is not None:
         print(incremental.summary(), file=err)
-        incremental.commit(result.manifest.transaction_time)
+        if result.errors:  # the server could not export everything: the next run asks for these changes again
+            print(f"incremental: not committed, as the export reported errors; the next run asks again for the "
+                  f"changes since {incremental.since() or 'the beginning'}", file=err)
+        else:
+            incremental.commit(result.manifest.transaction_time)
     from .export import run_complete
 
     run_complete(args.out)

@@ -31,6 +31,7 @@ import sqlite3
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from ..errors import AiblError
 from ..references import MEDICATION_TYPES, MEDICATION_USE_TYPES, parse_reference
 from ..sources import RELEVANT_TYPES, is_newer, patient_id
 
@@ -51,8 +52,8 @@ CREATE TABLE IF NOT EXISTS assessments(
 """
 
 
-class StoreError(Exception):
-    pass
+class StoreError(AiblError):
+    code = "bulk-store"
 
 
 class Store:
@@ -75,7 +76,10 @@ class Store:
 
     # -- the run's transaction -------------------------------------------------------------
     def begin(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:  # another run holds it (SQLite waits 5 s first)
+            raise StoreError(f"{self.path} is in use by another run ({exc})") from exc
         self.db.execute("CREATE TEMP TABLE IF NOT EXISTS changed(patient TEXT PRIMARY KEY)")
         self.db.execute("DELETE FROM changed")
         self.db.execute("CREATE TEMP TABLE IF NOT EXISTS to_assess(patient TEXT PRIMARY KEY)")

@@ -204,3 +204,30 @@ def test_a_plain_run_bulk_killed_after_the_download_is_resumed(fresh_server, tmp
     again = bulk(fresh_server, tmp_path)
     assert again.code == 0 and len(spy.exports()) == 1 and "resuming" not in again.stderr
     assert again.stdout == resumed.stdout
+
+
+def test_an_export_with_error_files_is_not_committed(fresh_server, tmp_path, monkeypatch):
+    """The server could not export everything: the changes since the last complete run are asked for again."""
+    from fhir_aibl.bulk import export as export_module
+
+    make_group(fresh_server)
+    assert bulk(fresh_server, tmp_path, "--incremental").code == 0
+    since = json.loads((tmp_path / "state.json").read_text())["transactionTime"]
+    dxa = lowest_dxa_of_v06(fresh_server)
+    dxa["status"] = "entered-in-error"
+    assert requests.put(f"{fresh_server}/Observation/{dxa['id']}", json=dxa, timeout=30).status_code == 200
+    real = export_module.export_to
+
+    def with_errors(*args, **kwargs):
+        result = real(*args, **kwargs)
+        result.errors = ["error: Observation/x could not be exported"]
+        return result
+
+    with monkeypatch.context() as patch:
+        patch.setattr(export_module, "export_to", with_errors)
+        failed = bulk(fresh_server, tmp_path, "--incremental")
+    assert failed.code == 1 and "incremental: not committed" in failed.stderr
+    spy = Spy(monkeypatch)
+    again = bulk(fresh_server, tmp_path, "--incremental")
+    assert again.code == 0, again.stderr
+    assert f"_since', '{since}'" in spy.exports()[0] and "1 patients changed" in again.stderr
