@@ -143,7 +143,7 @@ def test_a_deleted_aromatase_inhibitor_keeps_the_patient_listed_until_a_full_run
     assert kept.code == 0, kept.stderr
     assert {a["patient"]: a for a in kept.json()}["Patient/v07"]["ai_status"] == "active"
     # --full exports everything and rebuilds the store: the deletion is seen
-    full = bulk(fresh_server, tmp_path, "--incremental", "--full")
+    full = bulk(fresh_server, tmp_path, "--incremental", "--full", "--workers", "2")
     assert full.code == 0, full.stderr
     assert "a full export (--full)" in full.stderr
     assert {a["patient"]: a for a in full.json()}["Patient/v07"]["ai_status"] != "active"
