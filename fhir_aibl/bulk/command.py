@@ -83,15 +83,16 @@ def _level(args: argparse.Namespace) -> str:
 
 
 def _export(args: argparse.Namespace, *, environ, session, err: TextIO, with_careplans: bool = False,
-            run: bool = False, since: str | None = None):
+            run: bool = False, since_for=None):
     """Export as the options say; `run`: a `run --bulk`, which resumes from an export a run that did not
-    finish downloaded completely, and asks for `since` (its store's) rather than `--since`/`--incremental`."""
+    finish downloaded completely, and asks for `since_for(client)` (its store's) rather than `--since`/`--incremental`."""
     from ..fhir.command import build_client
     from .client import BulkClient, PollSettings
     from .export import RULE_TYPES, export_to, pending_export
 
     client = build_client(args, session=session, environ=environ)
     types = RULE_TYPES + (("CarePlan",) if with_careplans else ())
+    since = since_for(client) if since_for is not None else None
     if run:
         resumed = pending_export(args.out, level=_level(args), group=args.group, types=types,
                                  type_filters=tuple(args.type_filter), since=since)
@@ -190,7 +191,8 @@ def _run_bulk(args, assessor, environ, session, out, err, opened) -> int:
         # an incremental store always holds the CarePlans: a later --write-back needs them all
         result = _export(args, environ=environ, session=session, err=err,
                          with_careplans=args.write_back or incremental is not None, run=True,
-                         since=incremental.since() if incremental is not None else None)
+                         since_for=(lambda client: incremental.since_for(client, args.group))
+                         if incremental is not None else None)
         if incremental is not None:
             incremental.merge(result.files)
     except (AiblError, ValueError) as exc:

@@ -62,9 +62,29 @@ class Incremental:
         self.counts = Counts()
         self.work = out / WORK
         self._prepared = False
+        self.members: list[str] | None = None  #: a Group's members, as read this run
 
     def since(self) -> str | None:
         return None if self.reason else self.store.transaction_time
+
+    def since_for(self, client, group: str | None) -> str | None:
+        """`since`, after checking a Group's members against the store's (one request): a Group export
+        with `_since` need not give a new member's earlier records (the specification says it MAY), so
+        a changed or unreadable membership means a full export, never a partial record."""
+        if group:
+            from ..errors import AiblError
+            from ..fhir.population import group_members
+
+            try:
+                self.members = sorted(group_members(client, group).patient_ids)
+            except AiblError as exc:
+                self.members = None
+                self.reason = self.reason or f"the Group's members could not be read to compare ({exc})"
+            else:
+                known = self.store.meta("members")
+                if not self.reason and (known is None or json.loads(known) != self.members):
+                    self.reason = "the Group's members changed"
+        return self.since()
 
     def merge(self, files: Iterable[Path]) -> None:
         """Merge an export's files into the store (a full export replaces it). Lines the store
@@ -147,7 +167,7 @@ class Incremental:
         return assessment
 
     def commit(self, transaction_time: str) -> None:
-        self.store.commit(transaction_time, self.settings)
+        self.store.commit(transaction_time, self.settings, members=self.members)
         shutil.rmtree(self.work, ignore_errors=True)
 
     def summary(self) -> str:

@@ -86,8 +86,12 @@ class Store:
         self.db.execute("DELETE FROM to_assess")
         self._seq = self.db.execute("SELECT coalesce(max(seq), 0) FROM resources").fetchone()[0]
 
-    def commit(self, transaction_time: str, export: dict) -> None:
+    def commit(self, transaction_time: str, export: dict, members: list[str] | None = None) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta VALUES ('transactionTime', ?)", (transaction_time,))
+        if members is None:
+            self.db.execute("DELETE FROM meta WHERE key = 'members'")
+        else:
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('members', ?)", (json.dumps(members),))
         self.db.execute("INSERT OR REPLACE INTO meta VALUES ('export', ?)", (json.dumps(export, sort_keys=True),))
         self.db.execute("COMMIT")
 

@@ -231,3 +231,21 @@ def test_an_export_with_error_files_is_not_committed(fresh_server, tmp_path, mon
     again = bulk(fresh_server, tmp_path, "--incremental")
     assert again.code == 0, again.stderr
     assert f"_since', '{since}'" in spy.exports()[0] and "1 patients changed" in again.stderr
+
+
+def test_a_new_group_member_means_a_full_export(fresh_server, tmp_path):
+    """A Group export with _since MAY leave out a new member's earlier records: never a partial record."""
+    make_group(fresh_server)
+    assert bulk(fresh_server, tmp_path, "--incremental").code == 0
+    group = requests.get(f"{fresh_server}/Group/ai-cohort", timeout=30).json()
+    group["member"].append({"entity": {"reference": "Patient/v13"}})
+    assert requests.put(f"{fresh_server}/Group/ai-cohort", json=group, timeout=30).status_code == 200
+    grown = bulk(fresh_server, tmp_path, "--incremental")
+    assert grown.code == 0, grown.stderr
+    assert "a full export (the Group's members changed)" in grown.stderr
+    assert f"{len(MEMBERS) + 1} patients changed" in grown.stderr
+    assert "Patient/v13" in {a["patient"] for a in grown.json()}
+    assert grown.stdout == bulk(fresh_server, tmp_path / "plain").stdout
+    # and the next run, with the same members, is incremental again
+    same = bulk(fresh_server, tmp_path, "--incremental")
+    assert "changes since" in same.stderr and f"{len(MEMBERS) + 1} reused" in same.stderr
