@@ -159,7 +159,7 @@ def run_bulk(args: argparse.Namespace, *, assessor=None, environ=None, session=N
     if args.since:
         print("fatal: run --bulk assesses whole records; --since is for fhir-aibl export (see --incremental)", file=err)
         return 2
-    if args.full and not args.incremental:
+    if getattr(args, "full", False) and not args.incremental:
         print("fatal: --full goes with --incremental (a run --bulk without it always exports everything)", file=err)
         return 2
     opened: list = []  # the incremental store, closed (rolled back unless committed) whatever happens
@@ -186,7 +186,7 @@ def _run_bulk(args, assessor, environ, session, out, err, opened) -> int:
         if args.incremental:
             from .incremental import Incremental, settings_of
 
-            incremental = Incremental(args.out, full=args.full, settings=settings_of(args, _level(args)))
+            incremental = Incremental(args.out, full=getattr(args, "full", False), settings=settings_of(args, _level(args)))
             opened.append(incremental)
         # an incremental store always holds the CarePlans: a later --write-back needs them all
         result = _export(args, environ=environ, session=session, err=err,
