@@ -44,6 +44,10 @@ class BulkError(FhirError):
     issue_type = "processing"
 
 
+class DownloadFailed(BulkError):
+    """A file could not be downloaded after every attempt (transport errors): worth resuming later."""
+
+
 @dataclass
 class Manifest:
     transaction_time: str
@@ -186,7 +190,7 @@ class BulkClient:
                 last = exc  # the part stays: the next attempt resumes it
                 if attempt < self.poll.download_attempts:
                     self.sleep(self.http.backoff(attempt))
-        raise BulkError(f"export file: download failed after {self.poll.download_attempts} attempts ({last})")
+        raise DownloadFailed(f"export file: download failed after {self.poll.download_attempts} attempts ({last})")
 
     def _get(self, url: str, headers: dict[str, str], same_origin: bool) -> requests.Response:
         if same_origin:

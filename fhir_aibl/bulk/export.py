@@ -6,7 +6,10 @@ The folder holds `state.json` (the last complete export: its `transactionTime`, 
 group, types and files folder) and one folder of NDJSON per export. With `incremental`,
 the kick-off asks only for what changed since the last complete export's transaction time
 (`_since`); a new `state.json` is written only when an export is complete (every file
-downloaded), so an interrupted export is simply done again. An export of `run --bulk` is
+downloaded), so an interrupted export is simply done again; but when its downloads did not
+finish (a download failing after its attempts, a run stopped), the job is kept on the server
+and named in `job.json`, and the next export of the same settings resumes it: the same
+manifest, the files already downloaded kept, a file cut part-way resumed (`client`). An export of `run --bulk` is
 marked `"run": "pending"` until that run is complete (`run_complete`); `pending_export` finds
 it again for a run of the same settings, which then assesses it instead of exporting again.
 
@@ -25,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..sources import RELEVANT_TYPES
-from .client import BulkClient, Manifest
+from ..fhir.errors import FhirError
+from .client import BulkClient, DownloadFailed, Manifest
 
 #: What the assessments lose when a type is missing from an export (for the operator).
 CONSEQUENCES = {
@@ -49,6 +53,8 @@ CONSEQUENCES = {
 RULE_TYPES = tuple(sorted(RELEVANT_TYPES))
 
 STATE = "state.json"
+#: The job of an export whose downloads did not finish: its status URL, for the next run to resume.
+JOB = "job.json"
 
 
 @dataclass
@@ -69,6 +75,24 @@ def read_state(out: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return state if isinstance(state, dict) and state.get("transactionTime") else None
+
+
+def _earlier_job(client: BulkClient, out: Path, job: dict, warn: Callable[[str], None]) -> tuple:
+    """(status URL, manifest) of an earlier export of the same settings whose downloads did not finish,
+    if the server still has it; else (None, None), and a new export is started."""
+    try:
+        saved = json.loads((out / JOB).read_text())
+    except (OSError, ValueError):
+        return None, None
+    if not isinstance(saved, dict) or not saved.get("status") or {k: saved.get(k) for k in job} != job:
+        return None, None
+    try:
+        manifest = client.wait(saved["status"])
+    except FhirError as exc:
+        (out / JOB).unlink(missing_ok=True)
+        warn(f"the earlier export job whose downloads did not finish is gone ({exc}); exporting again")
+        return None, None
+    return saved["status"], manifest
 
 
 def missing_types(asked: tuple[str, ...], manifest: Manifest) -> list[str]:
@@ -96,13 +120,20 @@ def export_to(
         state = read_state(out)
         if state is not None:
             since = state["transactionTime"]
-    status = client.kick_off(level, group=group, types=types, since=since, type_filters=type_filters)
+    job = {"level": level, "group": group, "types": list(types), "since": since, "filters": list(type_filters)}
+    status, manifest = _earlier_job(client, out, job, warn)
+    if status is None:
+        status = client.kick_off(level, group=group, types=types, since=since, type_filters=type_filters)
+        (out / JOB).write_text(json.dumps({**job, "status": status}, indent=2) + "\n")
+    keep = False  # keep the job on the server (and job.json) for the next run to resume its downloads
     try:
-        manifest = client.wait(status)
+        if manifest is None:
+            manifest = client.wait(status)
         folder = out / ("export-" + (re.sub(r"[^0-9A-Za-z]", "", manifest.transaction_time) or "unknown"))
         folder.mkdir(parents=True, exist_ok=True)
         result = ExportResult(folder=folder, manifest=manifest, since=since)
         counts: dict[str, int] = {}
+        keep = True
         for item in manifest.output:
             rtype = str(item.get("type") or "unknown")
             if not re.fullmatch(r"[A-Za-z]{1,64}", rtype):
@@ -110,11 +141,24 @@ def export_to(
             n = counts.get(rtype, 0)
             counts[rtype] = n + 1
             dest = folder / f"{rtype}.{n:03d}.ndjson"
-            client.download(item["url"], dest, requires_token=manifest.requires_token)
+            if not dest.is_file():  # a file of this job an earlier run downloaded whole is not fetched again
+                try:
+                    client.download(item["url"], dest, requires_token=manifest.requires_token)
+                except DownloadFailed as exc:  # the network, not the export: worth resuming
+                    raise DownloadFailed(
+                        f"{exc}; the job and the bytes received are kept: the same command run again "
+                        "resumes the downloads"
+                    ) from exc
+                except FhirError:  # refused (a token for another origin, an error status): not to be resumed
+                    keep = False
+                    raise
             result.files.append(dest)
         result.errors = client.error_messages(manifest, folder / "errors") if manifest.error else []
+        keep = False
     finally:
-        not_deleted = client.delete(status)
+        if not keep:  # done, or failed before the downloads: the job is deleted, as always
+            (out / JOB).unlink(missing_ok=True)
+            not_deleted = client.delete(status)
     if not_deleted:
         result.warnings.append(not_deleted)
         warn(not_deleted)

@@ -249,3 +249,30 @@ def test_a_new_group_member_means_a_full_export(fresh_server, tmp_path):
     # and the next run, with the same members, is incremental again
     same = bulk(fresh_server, tmp_path, "--incremental")
     assert "changes since" in same.stderr and f"{len(MEMBERS) + 1} reused" in same.stderr
+
+
+def test_a_run_stopped_during_the_downloads_resumes_the_same_job(fresh_server, tmp_path, monkeypatch):
+    from fhir_aibl.bulk.client import BulkClient
+
+    make_group(fresh_server)
+    real = BulkClient.download
+    seen = []
+
+    def stopped_at_the_second_file(self, url, dest, **kwargs):
+        seen.append(url)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+        return real(self, url, dest, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(BulkClient, "download", stopped_at_the_second_file)
+        with pytest.raises(KeyboardInterrupt):
+            bulk(fresh_server, tmp_path, "--incremental")
+    assert (tmp_path / "job.json").is_file()
+    spy = Spy(monkeypatch)
+    resumed = bulk(fresh_server, tmp_path, "--incremental")
+    assert resumed.code == 0, resumed.stderr
+    assert spy.exports() == []  # no new export: the job's manifest again, the first file not fetched again
+    fetched = [url for method, url, _ in spy.calls if method == "GET" and url.split(" ")[0] == seen[0]]
+    assert fetched == [] and not (tmp_path / "job.json").exists()
+    assert resumed.stdout == bulk(fresh_server, tmp_path / "plain").stdout
