@@ -88,3 +88,31 @@ def test_what_the_store_cannot_place_is_refused(tmp_path):
     assert not store.merge({"resourceType": "Encounter", "id": "e", "subject": {"reference": "Patient/p1"}})
     assert not store.merge({"id": "no-type"})
     assert list(store.patients()) == []
+
+
+def test_what_the_store_cannot_place_is_read_by_the_reader_and_reported(tmp_path):
+    import json
+
+    from fhir_aibl.bulk.incremental import Incremental
+    from fhir_aibl.errors import InputError
+    from fhir_aibl.sources import iter_records
+
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "Patient.000.ndjson").write_text(json.dumps({"resourceType": "Patient", "id": "p1", "gender": "female"}) + "\n")
+    (export / "Observation.000.ndjson").write_text(
+        "{not json\n" + json.dumps({"resourceType": "Observation", "id": "o9", "status": "final", "code": {"text": "x"}}) + "\n"
+        + json.dumps(obs("o1", "p1")) + "\n"
+    )
+    run = Incremental(tmp_path / "out", full=False, settings={})
+    try:
+        run.merge(sorted(export.iterdir()))
+        paths = run.prepare("2026-06-01", "rules")
+        outcomes = list(iter_records(paths, validate=False))
+    finally:
+        run.close()
+    problems = [o for o in outcomes if isinstance(o, InputError)]
+    records = [o for o in outcomes if not isinstance(o, InputError)]
+    assert len(problems) == 2 and any("no patient reference" in str(p) for p in problems)  # not lost silently
+    assert [r.patient_ref for r in records] == ["Patient/p1"]
+    assert sorted(r["id"] for r in records[0].resources) == ["o1", "p1"]
