@@ -162,7 +162,9 @@ from .jsoninput import NotJsonError as _NotJson
 from .terminology import Terminology, default_terminology
 from .validation import ValidationMemo, needs_validation, salvage, salvaged_note
 
-__all__ = ["RELEVANT_TYPES", "SPOOL_LIMIT", "PatientRecord", "ReadResult", "iter_records", "read_paths"]
+__all__ = [
+    "RELEVANT_TYPES", "SPOOL_LIMIT", "PatientRecord", "ReadResult", "is_newer", "iter_records", "patient_id", "read_paths",
+]
 
 #: The resource types the facts and rules read; everything else is skipped unread.
 RELEVANT_TYPES = frozenset(
@@ -465,6 +467,11 @@ def _patient_id(resource: dict, urns: dict[str, tuple[str, str]] | None) -> tupl
             return match["id"], ""
         seen.append(f"{element} points to a {match['type']}" if match else f"{element} {value!r} is not a literal reference")
     return None, "; ".join(seen) or "no subject or patient element"
+
+
+def patient_id(resource: dict) -> str | None:
+    """The id of the patient a resource outside any Bundle belongs to, as the reader groups it; None if none."""
+    return _patient_id(resource, None)[0]
 
 
 def _label(resource: dict, entry_label: str | None) -> str:
@@ -808,6 +815,11 @@ def _is_newer(new: dict, old: dict) -> bool:
     if nt is not None and ot is not None and nt != ot:
         return nt > ot
     return False
+
+
+def is_newer(new: dict, old: dict) -> bool:
+    """The reader's "newest wins" rule for two copies of one resource (Type/id): True if `new` replaces `old`."""
+    return _is_newer(new, old)
 
 
 def _instant(value: Any) -> datetime | None:

@@ -15,7 +15,9 @@ its typed errors. What is particular to Bulk Data is here:
 - downloads (`download`) streamed to disk, to a temporary name renamed when complete, with
   the token when the manifest says `requiresAccessToken` (the seam only ever sends it to the
   server's own origin; a file on another origin is fetched without it, and refused when the
-  manifest says a token is required), each retried as a whole on a transport error;
+  manifest says a token is required); a download cut part-way keeps its bytes and is resumed
+  with `Range` (and `If-Range`), a 206 appended only when it continues those bytes of the same
+  file, a 200 or 416 restarting it from byte 0 (`_download_once`);
 - `delete` of the job when done (202 or 404 both mean it is gone).
 """
 
@@ -30,7 +32,7 @@ from typing import Any
 
 import requests
 
-from ..fhir.errors import FhirError, NotFound, TransportError
+from ..fhir.errors import FhirError, NotFound, ServerError, TransportError
 from ..fhir.http import Http, origin, parse_retry_after
 
 NDJSON = "application/fhir+ndjson"
@@ -40,6 +42,10 @@ LEVELS = ("system", "patient", "group")
 class BulkError(FhirError):
     code = "fhir-bulk"
     issue_type = "processing"
+
+
+class DownloadFailed(BulkError):
+    """A file could not be downloaded after every attempt (transport errors): worth resuming later."""
 
 
 @dataclass
@@ -75,7 +81,7 @@ class PollSettings:
     #: First wait when the server gives no Retry-After; doubled each time up to `max_interval`.
     interval: float = 1.0
     max_interval: float = 60.0
-    #: Attempts per file download (a transport error mid-body restarts the file).
+    #: Attempts per file download (a transport error mid-body resumes the file from the bytes received).
     download_attempts: int = 3
 
 
@@ -166,9 +172,10 @@ class BulkClient:
 
     # -- files -----------------------------------------------------------------------------
     def download(self, url: str, dest: Path, *, requires_token: bool) -> int:
-        """Stream one file to `dest`; return its size. Retried as a whole on a transport error."""
+        """Stream one file to `dest`; return its size. A transport error mid-body keeps the bytes
+        received (`<name>.part`), and the next attempt (or the next run) asks for the rest with
+        `Range` (`_resume`)."""
         dest.parent.mkdir(parents=True, exist_ok=True)
-        part = dest.with_name(dest.name + ".part")
         same_origin = origin(url) == self.http.origin
         if not same_origin and requires_token:
             raise BulkError(
@@ -178,29 +185,69 @@ class BulkClient:
         last: Exception | None = None
         for attempt in range(1, max(1, self.poll.download_attempts) + 1):
             try:
-                if same_origin:
-                    resp = self.http.send("GET", url, headers={"Accept": NDJSON}, stream=True, what="GET export file")
-                else:
-                    resp = self.http.session.get(
-                        url,
-                        headers={"Accept": NDJSON},
-                        stream=True,
-                        timeout=(self.http.settings.connect_timeout, self.http.settings.read_timeout),
-                    )
-                    resp.raise_for_status()
-                size = 0
-                with resp, part.open("wb") as fh:
-                    for chunk in resp.iter_content(chunk_size=1 << 20):
-                        fh.write(chunk)
-                        size += len(chunk)
-                os.replace(part, dest)
-                return size
+                return self._download_once(url, dest, same_origin)
             except (requests.RequestException, TransportError) as exc:
-                last = exc
-                part.unlink(missing_ok=True)
+                last = exc  # the part stays: the next attempt resumes it
                 if attempt < self.poll.download_attempts:
                     self.sleep(self.http.backoff(attempt))
-        raise BulkError(f"export file: download failed after {self.poll.download_attempts} attempts ({last})")
+        raise DownloadFailed(f"export file: download failed after {self.poll.download_attempts} attempts ({last})")
+
+    def _get(self, url: str, headers: dict[str, str], same_origin: bool) -> requests.Response:
+        if same_origin:
+            return self.http.send("GET", url, headers=headers, stream=True, what="GET export file")
+        resp = self.http.session.get(
+            url, headers=headers, stream=True,
+            timeout=(self.http.settings.connect_timeout, self.http.settings.read_timeout),
+        )
+        if resp.status_code == 416:
+            resp.close()
+            raise ServerError("GET export file: HTTP 416", status=416)
+        resp.raise_for_status()
+        return resp
+
+    def _download_once(self, url: str, dest: Path, same_origin: bool) -> int:
+        part = dest.with_name(dest.name + ".part")
+        sidecar = dest.with_name(dest.name + ".part.json")
+        for _fresh in range(2):  # a part that cannot be resumed is dropped, and the file fetched from byte 0
+            known = _resume_state(sidecar, url) if part.exists() else None
+            have = part.stat().st_size if known is not None else 0
+            if known is None or not have:
+                part.unlink(missing_ok=True)
+                sidecar.unlink(missing_ok=True)
+                known, have = None, 0
+            if known is not None and known.get("length") == have:
+                return _finish(part, sidecar, dest, have)  # every byte already here
+            headers = {"Accept": NDJSON}
+            if have:
+                headers["Range"] = f"bytes={have}-"
+                validator = known.get("etag") or known.get("last_modified")
+                if validator:
+                    headers["If-Range"] = validator
+            try:
+                resp = self._get(url, headers, same_origin)
+            except FhirError as exc:
+                if have and getattr(exc, "status", None) == 416:
+                    part.unlink(missing_ok=True)  # no bytes after the part's: it is not this file's beginning
+                    sidecar.unlink(missing_ok=True)
+                    continue
+                raise
+            if resp.status_code == 206:
+                if not have or not _continues(resp, known, have):
+                    resp.close()  # not the rest of the bytes on disk: never splice two files
+                    part.unlink(missing_ok=True)
+                    sidecar.unlink(missing_ok=True)
+                    continue
+                mode = "ab"
+            else:  # 200: the whole file, from byte 0
+                have, mode = 0, "wb"
+                _remember(sidecar, url, resp)
+            size = have
+            with resp, part.open(mode) as fh:
+                for chunk in resp.iter_content(chunk_size=1 << 20):
+                    fh.write(chunk)
+                    size += len(chunk)
+            return _finish(part, sidecar, dest, size)
+        raise BulkError("export file: the server answered a resumed download with another file twice")
 
     def error_messages(self, manifest: Manifest, folder: Path) -> list[str]:
         """The messages of the manifest's `error` files (OperationOutcomes, one per line)."""
@@ -251,3 +298,52 @@ def _outcome_messages(line: str) -> list[str]:
             text = issue.get("diagnostics") or (issue.get("details") or {}).get("text") or issue.get("code") or ""
             out.append(f"{issue.get('severity', 'error')}: {text}")
     return out or [line[:200]]
+
+
+def _resume_state(sidecar: Path, url: str) -> dict | None:
+    """What was remembered about a part-downloaded file, if it is this URL's and can be resumed."""
+    import json
+
+    try:
+        known = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return None
+    return known if isinstance(known, dict) and known.get("url") == url and known.get("resumable") else None
+
+
+def _remember(sidecar: Path, url: str, resp: requests.Response) -> None:
+    """The validators of a file as it begins, to resume it later with `If-Range` and check the 206."""
+    import json
+
+    encoded = resp.headers.get("Content-Encoding", "identity").lower() not in ("", "identity")
+    etag = resp.headers.get("ETag")
+    length = resp.headers.get("Content-Length")
+    sidecar.write_text(json.dumps({
+        "url": url,
+        # bytes on disk are decoded: a compressed answer's ranges would not line up with them
+        "resumable": not encoded and resp.headers.get("Accept-Ranges", "bytes").lower() != "none",
+        "etag": etag if etag and not etag.startswith("W/") else None,  # If-Range takes a strong ETag only
+        "last_modified": resp.headers.get("Last-Modified"),
+        "length": int(length) if length and length.isdigit() and not encoded else None,
+    }))
+
+
+def _continues(resp: requests.Response, known: dict, have: int) -> bool:
+    """A 206 is the rest of the bytes on disk: its Content-Range starts there, and it is the same file."""
+    import re
+
+    match = re.fullmatch(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*", resp.headers.get("Content-Range", ""))
+    if match is None or int(match[1]) != have:
+        return False
+    if match[3] != "*" and known.get("length") is not None and int(match[3]) != known["length"]:
+        return False
+    for header, key in (("ETag", "etag"), ("Last-Modified", "last_modified")):
+        if known.get(key) and resp.headers.get(header) and resp.headers[header] != known[key]:
+            return False
+    return True
+
+
+def _finish(part: Path, sidecar: Path, dest: Path, size: int) -> int:
+    os.replace(part, dest)
+    sidecar.unlink(missing_ok=True)
+    return size

@@ -2,13 +2,15 @@
 
     fhir-aibl export --fhir-base URL [--group ID | --level system|patient] [--out DIR] [--since INSTANT | --incremental]
     fhir-aibl run --bulk --fhir-base URL [--group ID] [--out DIR] [--format table|json] [--workers N]
-                 [--write-back] [--worklist CSV]
+                 [--write-back] [--worklist CSV] [--incremental [--full]]
 
 Both take the connection options of `run` (authentication, timeouts, retries). `export`
 writes NDJSON files and `state.json` into the output folder and prints where;
 `run --bulk` exports, then assesses the files exactly as `fhir-aibl assess` assesses them
 (the same output, in the same order), on `--workers` processes, and with `--write-back`
-writes them back (bulk/writeback.py).
+writes them back (bulk/writeback.py). With `--incremental` it exports only what changed since
+the last complete run and merges it into the store in the output folder (bulk/incremental.py).
+A run killed after its export was downloaded is resumed from that export by running it again.
 
 Exit status: 0 when everything was exported (and assessed, and written back); 1 when the
 server reported errors in the manifest's error files, some input was rejected or a write
@@ -54,7 +56,15 @@ def add_bulk_arguments(parser: argparse.ArgumentParser, who: argparse._MutuallyE
     bulk.add_argument(
         "--incremental",
         action="store_true",
-        help="_since = the transaction time of the last complete export in --out (its state.json)",
+        help="export: _since = the transaction time of the last complete export in --out (its state.json); "
+        "run --bulk: only what changed since the last complete run, merged into the store in --out, and the whole "
+        "population reported (default: off)",
+    )
+    bulk.add_argument(
+        "--full",
+        action="store_true",
+        help="run --bulk --incremental: export everything and rebuild the store (an incremental export does not "
+        "report deleted resources; a periodic full run forgets them) (default: off)",
     )
     bulk.add_argument(
         "--type-filter", action="append", default=[], metavar="QUERY",
@@ -72,12 +82,30 @@ def _level(args: argparse.Namespace) -> str:
     return "group" if args.group else args.level
 
 
-def _export(args: argparse.Namespace, *, environ, session, err: TextIO, with_careplans: bool = False):
+def _export(args: argparse.Namespace, *, environ, session, err: TextIO, with_careplans: bool = False,
+            run: bool = False, since_for=None):
+    """Export as the options say; `run`: a `run --bulk`, which resumes from an export a run that did not
+    finish downloaded completely, and asks for `since_for(client)` (its store's) rather than `--since`/`--incremental`."""
     from ..fhir.command import build_client
     from .client import BulkClient, PollSettings
-    from .export import RULE_TYPES, export_to
+    from .export import RULE_TYPES, export_to, pending_export
 
     client = build_client(args, session=session, environ=environ)
+    types = RULE_TYPES + (("CarePlan",) if with_careplans else ())
+    since = since_for(client) if since_for is not None else None
+    if run:
+        resumed = pending_export(args.out, level=_level(args), group=args.group, types=types,
+                                 type_filters=tuple(args.type_filter), since=since)
+        if resumed is not None:
+            print(
+                f"resuming: the export of {resumed.manifest.transaction_time} ({resumed.folder}) was downloaded "
+                "by a run that did not finish; assessing it instead of exporting again",
+                file=err,
+            )
+            resumed.client = client
+            for message in resumed.errors:
+                print(f"error: export: {message}", file=err)
+            return resumed
     bulk = BulkClient(
         client.http,
         poll=PollSettings(deadline=args.export_deadline),
@@ -88,11 +116,14 @@ def _export(args: argparse.Namespace, *, environ, session, err: TextIO, with_car
         args.out,
         level=_level(args),
         group=args.group,
-        types=RULE_TYPES + (("CarePlan",) if with_careplans else ()),
-        since=args.since,
-        incremental=args.incremental,
+        types=types,
+        since=since if run else args.since,
+        incremental=args.incremental and not run,
         type_filters=tuple(args.type_filter),
         warn=lambda text: print(f"warning: {text}", file=err),
+        run=run,
+        # a nightly run's changes miss most types: only a full export says what the server leaves out
+        warn_missing=not (run and since),
     )
     result.requests = client.http.stats.requests
     result.client = client
@@ -125,11 +156,21 @@ def run_bulk(args: argparse.Namespace, *, assessor=None, environ=None, session=N
              stderr: TextIO | None = None) -> int:
     """Export, then assess the export's files as `fhir-aibl assess` does."""
     out, err = stdout or sys.stdout, stderr or sys.stderr
-    if args.since or args.incremental:
-        print(
-            "fatal: run --bulk assesses a whole export; --since and --incremental are for fhir-aibl export", file=err
-        )
+    if args.since:
+        print("fatal: run --bulk assesses whole records; --since is for fhir-aibl export (see --incremental)", file=err)
         return 2
+    if getattr(args, "full", False) and not args.incremental:
+        print("fatal: --full goes with --incremental (a run --bulk without it always exports everything)", file=err)
+        return 2
+    opened: list = []  # the incremental store, closed (rolled back unless committed) whatever happens
+    try:
+        return _run_bulk(args, assessor, environ, session, out, err, opened)
+    finally:
+        for run in opened:
+            run.close()
+
+
+def _run_bulk(args, assessor, environ, session, out, err, opened) -> int:
     from ..assess import Assessor
     from ..cli import fewer_collections, format_table, write_json_array
     from ..population import assess_population, choose_workers, one_process_items
@@ -141,25 +182,41 @@ def run_bulk(args: argparse.Namespace, *, assessor=None, environ=None, session=N
         from ..careplan import catalogue_for
 
         catalogue = catalogue_for(args.rules) if args.write_back else None
-        result = _export(args, environ=environ, session=session, err=err, with_careplans=args.write_back)
+        incremental = None
+        if args.incremental:
+            from .incremental import Incremental, settings_of
+
+            incremental = Incremental(args.out, full=getattr(args, "full", False), settings=settings_of(args, _level(args)))
+            opened.append(incremental)
+        # an incremental store always holds the CarePlans: a later --write-back needs them all
+        result = _export(args, environ=environ, session=session, err=err,
+                         with_careplans=args.write_back or incremental is not None, run=True,
+                         since_for=(lambda client: incremental.since_for(client, args.group))
+                         if incremental is not None else None)
+        if incremental is not None:
+            incremental.merge(result.files)
     except (AiblError, ValueError) as exc:
         print(f"fatal: {exc}", file=err)
         return 2
     as_of = args.as_of or dt.date.today()
+    paths = [result.folder]
+    if incremental is not None:
+        paths = incremental.prepare(as_of.isoformat(), assessor.rulebook.name)
     writer = None
     if catalogue is not None:
         from .writeback import BulkWriter, careplans_by_patient
 
         try:
-            writer = BulkWriter(result.client, catalogue, careplans_by_patient(result.files, result.client.base_url))
+            existing = (incremental.careplans(result.client.base_url) if incremental is not None
+                        else careplans_by_patient(result.files, result.client.base_url))
+            writer = BulkWriter(result.client, catalogue, existing)
         except AiblError as exc:
             print(f"fatal: {exc}", file=err)
             return 2
-    paths = [result.folder]
     workers = choose_workers(paths, args.workers)
     payload = "explained" if args.explain else "contract"
     # what the workers send back: Assessments when they are written back or shown as a table
-    wanted = payload if args.format == "json" and writer is None else "assessment"
+    wanted = payload if args.format == "json" and writer is None and incremental is None else "assessment"
     problems: list[AiblError] = []
     with fewer_collections():
         if workers > 1:
@@ -180,6 +237,8 @@ def run_bulk(args: argparse.Namespace, *, assessor=None, environ=None, session=N
                 for item in _one_process(paths, assessor, as_of, wanted, problems, err)
                 if item.payload is not None
             )
+        if incremental is not None:  # everyone: the new assessments and the reused ones
+            items = incremental.merged(items)
         if writer is not None:
             items = _written(items, writer)
         worklist = Worklist() if args.worklist else None
@@ -208,6 +267,16 @@ def run_bulk(args: argparse.Namespace, *, assessor=None, environ=None, session=N
             file=err,
         )
         failed = bool(report.failed)
+    if incremental is not None:
+        print(incremental.summary(), file=err)
+        if result.errors:  # the server could not export everything: the next run asks for these changes again
+            print(f"incremental: not committed, as the export reported errors; the next run asks again for the "
+                  f"changes since {incremental.since() or 'the beginning'}", file=err)
+        else:
+            incremental.commit(result.manifest.transaction_time)
+    from .export import run_complete
+
+    run_complete(args.out)
     print(
         f"exported {len(result.files)} files ({result.folder}) in {result.requests} requests; "
         f"assessed with ruleset {assessor.rulebook.name}; "

@@ -6,7 +6,12 @@ The folder holds `state.json` (the last complete export: its `transactionTime`, 
 group, types and files folder) and one folder of NDJSON per export. With `incremental`,
 the kick-off asks only for what changed since the last complete export's transaction time
 (`_since`); a new `state.json` is written only when an export is complete (every file
-downloaded), so an interrupted export is simply done again.
+downloaded), so an interrupted export is simply done again; but when its downloads did not
+finish (a download failing after its attempts, a run stopped), the job is kept on the server
+and named in `job.json`, and the next export of the same settings resumes it: the same
+manifest, the files already downloaded kept, a file cut part-way resumed (`client`). An export of `run --bulk` is
+marked `"run": "pending"` until that run is complete (`run_complete`); `pending_export` finds
+it again for a run of the same settings, which then assesses it instead of exporting again.
 
 The manifest is checked against the types asked for: a type the rules read that is not in
 the output is a warning naming it and what its absence means for the assessments (a server
@@ -23,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..sources import RELEVANT_TYPES
-from .client import BulkClient, Manifest
+from ..fhir.errors import FhirError
+from .client import BulkClient, DownloadFailed, Manifest
 
 #: What the assessments lose when a type is missing from an export (for the operator).
 CONSEQUENCES = {
@@ -47,6 +53,8 @@ CONSEQUENCES = {
 RULE_TYPES = tuple(sorted(RELEVANT_TYPES))
 
 STATE = "state.json"
+#: The job of an export whose downloads did not finish: its status URL, for the next run to resume.
+JOB = "job.json"
 
 
 @dataclass
@@ -69,6 +77,24 @@ def read_state(out: Path) -> dict | None:
     return state if isinstance(state, dict) and state.get("transactionTime") else None
 
 
+def _earlier_job(client: BulkClient, out: Path, job: dict, warn: Callable[[str], None]) -> tuple:
+    """(status URL, manifest) of an earlier export of the same settings whose downloads did not finish,
+    if the server still has it; else (None, None), and a new export is started."""
+    try:
+        saved = json.loads((out / JOB).read_text())
+    except (OSError, ValueError):
+        return None, None
+    if not isinstance(saved, dict) or not saved.get("status") or {k: saved.get(k) for k in job} != job:
+        return None, None
+    try:
+        manifest = client.wait(saved["status"])
+    except FhirError as exc:
+        (out / JOB).unlink(missing_ok=True)
+        warn(f"the earlier export job whose downloads did not finish is gone ({exc}); exporting again")
+        return None, None
+    return saved["status"], manifest
+
+
 def missing_types(asked: tuple[str, ...], manifest: Manifest) -> list[str]:
     got = manifest.types()
     return [t for t in asked if t not in got]
@@ -85,6 +111,8 @@ def export_to(
     since: str | None = None,
     incremental: bool = False,
     warn: Callable[[str], None] = lambda text: None,
+    run: bool = False,
+    warn_missing: bool = True,
 ) -> ExportResult:
     """Kick off, wait, download every file into a new folder of `out`, check, delete the job."""
     out.mkdir(parents=True, exist_ok=True)
@@ -92,13 +120,20 @@ def export_to(
         state = read_state(out)
         if state is not None:
             since = state["transactionTime"]
-    status = client.kick_off(level, group=group, types=types, since=since, type_filters=type_filters)
+    job = {"level": level, "group": group, "types": list(types), "since": since, "filters": list(type_filters)}
+    status, manifest = _earlier_job(client, out, job, warn)
+    if status is None:
+        status = client.kick_off(level, group=group, types=types, since=since, type_filters=type_filters)
+        (out / JOB).write_text(json.dumps({**job, "status": status}, indent=2) + "\n")
+    keep = False  # keep the job on the server (and job.json) for the next run to resume its downloads
     try:
-        manifest = client.wait(status)
+        if manifest is None:
+            manifest = client.wait(status)
         folder = out / ("export-" + (re.sub(r"[^0-9A-Za-z]", "", manifest.transaction_time) or "unknown"))
         folder.mkdir(parents=True, exist_ok=True)
         result = ExportResult(folder=folder, manifest=manifest, since=since)
         counts: dict[str, int] = {}
+        keep = True
         for item in manifest.output:
             rtype = str(item.get("type") or "unknown")
             if not re.fullmatch(r"[A-Za-z]{1,64}", rtype):
@@ -106,15 +141,28 @@ def export_to(
             n = counts.get(rtype, 0)
             counts[rtype] = n + 1
             dest = folder / f"{rtype}.{n:03d}.ndjson"
-            client.download(item["url"], dest, requires_token=manifest.requires_token)
+            if not dest.is_file():  # a file of this job an earlier run downloaded whole is not fetched again
+                try:
+                    client.download(item["url"], dest, requires_token=manifest.requires_token)
+                except DownloadFailed as exc:  # the network, not the export: worth resuming
+                    raise DownloadFailed(
+                        f"{exc}; the job and the bytes received are kept: the same command run again "
+                        "resumes the downloads"
+                    ) from exc
+                except FhirError:  # refused (a token for another origin, an error status): not to be resumed
+                    keep = False
+                    raise
             result.files.append(dest)
         result.errors = client.error_messages(manifest, folder / "errors") if manifest.error else []
+        keep = False
     finally:
-        not_deleted = client.delete(status)
+        if not keep:  # done, or failed before the downloads: the job is deleted, as always
+            (out / JOB).unlink(missing_ok=True)
+            not_deleted = client.delete(status)
     if not_deleted:
         result.warnings.append(not_deleted)
         warn(not_deleted)
-    for rtype in missing_types(types, manifest):
+    for rtype in missing_types(types, manifest) if warn_missing else ():
         text = (
             f"the export has no {rtype}: either there is none"
             f"{' changed since ' + since if since else ''}, or the server left the type out"
@@ -131,11 +179,49 @@ def export_to(
                 "group": group,
                 "types": list(types),
                 "since": since,
+                "filters": list(type_filters),
                 "folder": folder.name,
                 "files": [p.name for p in result.files],
+                # run --bulk: "pending" until the run that exported it is complete (`run_complete`)
+                **({"run": "pending"} if run else {}),
             },
             indent=2,
         )
         + "\n"
     )
     return result
+
+
+def pending_export(
+    out: Path, *, level: str, group: str | None, types: tuple[str, ...], type_filters: tuple[str, ...] = (),
+    since: str | None,
+) -> ExportResult | None:
+    """The last export in `out` if a `run --bulk` downloaded it completely and did not finish, with the
+    same settings (and the same `_since`): that run is resumed from it instead of exporting again."""
+    state = read_state(out)
+    if state is None or state.get("run") != "pending":
+        return None
+    if (state.get("level"), state.get("group"), state.get("types"), state.get("since")) != (
+        level, group, list(types), since
+    ) or state.get("filters", []) != list(type_filters):
+        return None
+    folder = out / str(state.get("folder") or "")
+    files = [folder / str(name) for name in state.get("files") or []]
+    if not folder.is_dir() or not all(path.is_file() for path in files):
+        return None
+    manifest = Manifest(transaction_time=state["transactionTime"], request="", requires_token=False, output=[], error=[])
+    result = ExportResult(folder=folder, manifest=manifest, files=files, since=since)
+    from .client import _outcome_messages
+
+    for path in sorted((folder / "errors").glob("error.*.ndjson")):
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            result.errors.extend(_outcome_messages(line))
+    return result
+
+
+def run_complete(out: Path) -> None:
+    """The run that exported the last export is complete: a later run exports again."""
+    state = read_state(out)
+    if state is not None and state.get("run") == "pending":
+        state["run"] = "done"
+        (out / STATE).write_text(json.dumps(state, indent=2) + "\n")

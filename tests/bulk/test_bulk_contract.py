@@ -194,3 +194,40 @@ def test_a_refused_delete_is_a_warning_not_a_failed_export(tmp_path):
     result = export_to(client(Clock()), tmp_path, level="system", types=("Patient",), warn=warnings.append)
     assert result.files and read_state(tmp_path) is not None
     assert len(warnings) == 1 and "did not delete the export job" in warnings[0]
+
+
+@responses.activate
+def test_downloads_that_did_not_finish_are_resumed_by_the_next_run_from_the_same_job(tmp_path):
+    kickoff(responses)
+    responses.add(responses.GET, STATUS, status=200, json=manifest("Patient", "Observation"))
+    responses.add(responses.GET, f"{BASE}/files/Patient.ndjson", body='{"resourceType":"Patient","id":"p1"}\n')
+    for _ in range(2):
+        responses.add(responses.GET, f"{BASE}/files/Observation.ndjson", body=requests.ConnectionError("reset"))
+    with pytest.raises(BulkError, match="the same command run again resumes the downloads"):
+        export_to(client(Clock(), download_attempts=2), tmp_path, level="system", types=("Patient", "Observation"))
+    assert not [c for c in responses.calls if c.request.method == "DELETE"]  # the job is kept
+    assert json.loads((tmp_path / "job.json").read_text())["status"] == STATUS and read_state(tmp_path) is None
+    # the next run: no kick-off, the same job's manifest, only the file that was missing
+    responses.calls.reset()
+    responses.add(responses.GET, STATUS, status=200, json=manifest("Patient", "Observation"))
+    responses.add(responses.GET, f"{BASE}/files/Observation.ndjson", body="")
+    responses.add(responses.DELETE, STATUS, status=202)
+    result = export_to(client(Clock()), tmp_path, level="system", types=("Patient", "Observation"))
+    urls = [c.request.url for c in responses.calls]
+    assert urls == [STATUS, f"{BASE}/files/Observation.ndjson", STATUS]
+    assert [p.name for p in result.files] == ["Patient.000.ndjson", "Observation.000.ndjson"]
+    assert not (tmp_path / "job.json").exists() and read_state(tmp_path)["files"] == [p.name for p in result.files]
+
+
+@responses.activate
+def test_a_job_the_server_no_longer_has_means_a_new_export(tmp_path):
+    (tmp_path / "job.json").write_text(json.dumps({"status": f"{BASE}/bulk-status/old", "level": "system", "group": None,
+                                                   "types": ["Patient"], "since": None, "filters": []}))
+    responses.add(responses.GET, f"{BASE}/bulk-status/old", status=404)
+    kickoff(responses)
+    responses.add(responses.GET, STATUS, status=200, json=manifest("Patient"))
+    responses.add(responses.GET, f"{BASE}/files/Patient.ndjson", body="")
+    responses.add(responses.DELETE, STATUS, status=202)
+    warnings = []
+    result = export_to(client(Clock()), tmp_path, level="system", types=("Patient",), warn=warnings.append)
+    assert result.files and "is gone" in warnings[0] and not (tmp_path / "job.json").exists()
