@@ -70,7 +70,10 @@ def coverage_chart(coverage: tuple[Coverage, ...]) -> Line:
     points, xticks = [], []
     for i, q in enumerate(coverage):
         x = round(x0 + step * i, 1)
-        if q.label.endswith("Q1") or i == len(coverage) - 1 or i == 0:
+        last = len(coverage) - 1
+        # a label at each year's first quarter, and at both ends unless a year's label is next to them
+        near_q1 = any(coverage[j].label.endswith("Q1") for j in range(max(i - 1, 0), min(i + 2, last + 1)) if j != i)
+        if q.label.endswith("Q1") or (i in (0, last) and not near_q1):
             xticks.append({"x": x, "label": q.label})
         if q.share is None:
             continue
