@@ -71,9 +71,11 @@ def coverage_chart(coverage: tuple[Coverage, ...]) -> Line:
     for i, q in enumerate(coverage):
         x = round(x0 + step * i, 1)
         last = len(coverage) - 1
-        # a label at each year's first quarter, and at both ends unless a year's label is next to them
-        near_q1 = any(coverage[j].label.endswith("Q1") for j in range(max(i - 1, 0), min(i + 2, last + 1)) if j != i)
-        if q.label.endswith("Q1") or (i in (0, last) and not near_q1):
+        # a label at the as-of quarter, at each year's first quarter but the one next to it, and at the
+        # oldest quarter unless a year's label is next to it (labels side by side would overlap)
+        q1 = q.label.endswith("Q1") and i < last - 1
+        oldest = i == 0 and not (last >= 1 and coverage[1].label.endswith("Q1"))
+        if i == last or q1 or oldest:
             xticks.append({"x": x, "label": q.label})
         if q.share is None:
             continue
