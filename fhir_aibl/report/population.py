@@ -163,7 +163,7 @@ class Tally:
             Count(k, GAPS[k][1], self.gaps[k])
             for k in sorted(self.gaps, key=lambda k: (GAPS[k][0], k))
         ]
-        safety = [Count(k, SAFETY[k], self.safety[k]) for k in sorted(self.safety)]
+        safety = [Count(k, SAFETY[k][:1].upper() + SAFETY[k][1:], self.safety[k]) for k in sorted(self.safety)]
         coverage = [
             Coverage(label, day, sum(covered_on(dates, day) for dates in self.dxa), len(self.dxa))
             for label, day in quarter_days(as_of)
