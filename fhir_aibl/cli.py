@@ -309,7 +309,7 @@ def _assess(args: argparse.Namespace) -> int:
         return 2
     assessor = Assessor(args.rules, mode=args.mode)
     if args.format == "html":
-        return _assess_html(args, assessor, iter_records(args.paths, terminology=assessor.terminology), as_of)
+        return _assess_html(args, assessor, iter_records(args.paths, terminology=assessor.terminology), as_of, written)
     from .population import choose_workers
 
     workers = choose_workers(args.paths, args.workers)
@@ -352,18 +352,20 @@ def _assess(args: argparse.Namespace) -> int:
     return 1 if not written.write(as_of, sys.stderr) or problems else 0
 
 
-def _assess_html(args: argparse.Namespace, assessor: Assessor, records: Any, as_of: dt.date) -> int:
+def _assess_html(
+    args: argparse.Namespace, assessor: Assessor, records: Any, as_of: dt.date, written: PopulationOutputs
+) -> int:
     from .view.site import write_site
 
     if args.out is None:
         _err("error: --format html needs --out DIR (the folder for the pages)")
         return 2
     problems: list[AiblError] = []
-    pages = write_site(assessor, records, as_of, args.out, problems)
+    pages = write_site(assessor, records, as_of, args.out, problems, on_assessment=written.add if written.wanted else None)
     for problem in problems:
         _err(f"error: {problem}")
     print(f"{len(pages) - 1} patient pages and {pages[-1]} written; {len(problems)} rejected; as of {as_of}")
-    return 1 if problems else 0
+    return 1 if not written.write(as_of, sys.stderr) or problems else 0
 
 
 def demo_paths(extra: Sequence[Path] = ()) -> list[Path]:

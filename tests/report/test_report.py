@@ -81,7 +81,7 @@ def test_the_numbers_match_the_assessments(saved):
 def test_the_same_report_and_worklist_whatever_the_workers_and_format(saved, capsys, tmp_path):
     expected = (saved / "r.html").read_text()
     for i, extra in enumerate((["--format", "table", "--workers", "2"], ["--format", "json", "--explain", "--workers", "2"],
-                               ["--format", "fhir", "--workers", "1"])):
+                               ["--format", "fhir", "--workers", "1"], ["--format", "html", "--out", str(tmp_path / "v")])):
         code, _out, err = assess(capsys, *extra, "--report", str(tmp_path / f"r{i}.html"),
                                  "--worklist", str(tmp_path / f"w{i}.csv"))
         assert code == 0, err
