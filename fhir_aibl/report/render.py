@@ -13,9 +13,10 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from jinja2 import Environment
 
 from ..clinician_text import CATEGORY_WORDS, day
+from ..view.render import template_environment
 from .charts import bar_chart, coverage_chart
 from .population import Numbers
 from .worklist import Worklist
@@ -31,16 +32,7 @@ def category_words(category: str) -> str:
 
 @functools.cache
 def environment() -> Environment:
-    env = Environment(
-        loader=FileSystemLoader(TEMPLATES),
-        autoescape=True,  # a patient id from a record may hold markup
-        undefined=StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
-    env.globals.update(day=day, category_words=category_words)
-    return env
+    return template_environment(TEMPLATES, day=day, category_words=category_words)  # escapes every value
 
 
 def render_report(numbers: Numbers, worklist: Worklist, top: int = TOP_ROWS) -> str:
