@@ -13,12 +13,14 @@ the lines after it are still read. A folder is read file by file, in name order:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import itertools
 import json
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from ..errors import AiblError, InputError
 from .population import AI_STATUS_WORDS, CATEGORIES
@@ -88,31 +90,42 @@ def read_saved(paths: Iterable[Path]) -> Iterator[dict | InputError]:
     for path in files_of(paths):
         name = "stdin" if str(path) == "-" else str(path)
         try:
-            text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
+            with contextlib.ExitStack() as stack:
+                fh = sys.stdin if str(path) == "-" else stack.enter_context(path.open(encoding="utf-8"))
+                yield from _contracts(fh, name)
         except (OSError, UnicodeDecodeError) as exc:
             raise SavedFileError(f"cannot read: {getattr(exc, 'strerror', None) or exc}", source=name) from None
-        if text.lstrip().startswith("["):
-            items = _array(text, name)
-        else:
-            items = _lines(text)
-        for line, item in items:
-            where = f"{name}, line {line}"
-            if isinstance(item, InputError):
-                item.source = where
-                yield item
-                continue
-            problem = contract_problem(item)
-            if problem is not None:
-                yield InputError(problem, source=where)
-                continue
+
+
+def _contracts(fh: TextIO, name: str) -> Iterator[dict | InputError]:
+    # JSON lines are read a line at a time (a Spark output may be large); an array is parsed whole
+    head, skipped = "", 0
+    for head in fh:
+        if head.strip():
+            break
+        skipped += 1
+    if head.lstrip().startswith("["):
+        items: Iterable[tuple[int, Any]] = _array("\n" * skipped + head + fh.read(), name)
+    else:
+        items = _lines(itertools.chain([head], fh), first=skipped + 1)
+    for line, item in items:
+        where = f"{name}, line {line}"
+        if isinstance(item, InputError):
+            item.source = where
             yield item
-            problem = unrecognised(item)
-            if problem is not None:
-                yield InputError(f"{problem}; counted as not recognised", source=where)
+            continue
+        problem = contract_problem(item)
+        if problem is not None:
+            yield InputError(problem, source=where)
+            continue
+        yield item
+        problem = unrecognised(item)
+        if problem is not None:
+            yield InputError(f"{problem}; counted as not recognised", source=where)
 
 
-def _lines(text: str) -> Iterator[tuple[int, Any]]:
-    for number, line in enumerate(text.splitlines(), 1):
+def _lines(lines: Iterable[str], first: int = 1) -> Iterator[tuple[int, Any]]:
+    for number, line in enumerate(lines, first):
         if not line.strip():
             continue
         try:

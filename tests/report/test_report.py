@@ -168,6 +168,7 @@ def test_report_names_each_bad_line_and_uses_the_rest(capsys, tmp_path):
             "dxa_dates": []}
     source = tmp_path / "a.jsonl"
     source.write_text("\n".join([
+        "",  # a blank line is skipped, and counted
         json.dumps(good),
         "not json",
         json.dumps({"patient": 3}),
@@ -180,10 +181,10 @@ def test_report_names_each_bad_line_and_uses_the_rest(capsys, tmp_path):
                  "--report", str(tmp_path / "r.html")])
     err = capsys.readouterr().err
     assert code == 1
-    assert f"{source}, line 2: not JSON" in err
-    assert f"{source}, line 3: no patient" in err
-    assert f"{source}, line 4: Patient/b: dxa_dates holds 'last spring'" in err
-    assert f"{source}, line 5: Patient/c: aromatase inhibitor status 'actve' not recognised" in err
+    assert f"{source}, line 3: not JSON" in err
+    assert f"{source}, line 4: no patient" in err
+    assert f"{source}, line 5: Patient/b: dxa_dates holds 'last spring'" in err
+    assert f"{source}, line 6: Patient/c: aromatase inhibitor status 'actve' not recognised" in err
     assert [r["patient"] for r in csv.DictReader((tmp_path / "w.csv").open())] == ["a", "d"]
     html = (tmp_path / "r.html").read_text()
     assert 'id="n-patients"><span class="n">3<' in html  # a, c (shown as not recognised) and d
@@ -194,6 +195,7 @@ def test_report_names_each_bad_line_and_uses_the_rest(capsys, tmp_path):
     ('[{"patient": "Patient/a"},\n{"patient": ', "line 2"),  # cut short
     ('[{"patient": "Patient/a"}\n{"patient": "Patient/b"}]', "line 2"),
     ('[{"patient": "Patient/a"}] trailing', "line 1"),
+    ('\n\n[{"patient": "Patient/a"}\n{', "line 4"),  # blank lines before the array count
 ])
 def test_report_refuses_a_json_array_that_does_not_parse_and_writes_nothing(capsys, tmp_path, text, where):
     source = tmp_path / "a.json"
