@@ -147,6 +147,8 @@ def _array(text: str, name: str) -> Iterator[tuple[int, Any]]:
     def fail(at: int, why: str) -> SavedFileError:
         return SavedFileError(f"line {text.count(chr(10), 0, at) + 1}: not a JSON array of assessments: {why}", source=name)
 
+    line, counted = 1, 0  # the line at `counted`, counted forward only (once over the text)
+
     pos = skip(pos)
     if pos < len(text) and text[pos] == "]":
         pos = skip(pos + 1)
@@ -158,7 +160,8 @@ def _array(text: str, name: str) -> Iterator[tuple[int, Any]]:
             item, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
             raise fail(exc.pos, exc.msg) from None
-        yield text.count("\n", 0, pos) + 1, item
+        line, counted = line + text.count("\n", counted, pos), pos
+        yield line, item
         pos = skip(end)
         if pos < len(text) and text[pos] == ",":
             pos = skip(pos + 1)
