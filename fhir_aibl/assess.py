@@ -74,7 +74,8 @@ class Assessor:
     def assess(self, patient_ref: str, resources: Iterable[Mapping[str, Any]], as_of: dt.date) -> Result:
         facts = extract_facts(patient_ref, resources, as_of, self.terminology)
         derivation = self.engine.evaluate(facts.facts)
-        return Result(build_assessment(patient_ref, as_of, derivation, self.rulebook, self.ruleset_info), facts)
+        assessment = build_assessment(patient_ref, as_of, derivation, self.rulebook, self.ruleset_info, facts.dxa_dates)
+        return Result(assessment, facts)
 
 
 def assess_record(assessor: Assessor, record: PatientRecord, as_of: dt.date) -> Result:
@@ -151,7 +152,12 @@ def _value_and_date(fact: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def build_assessment(
-    patient_ref: str, as_of: dt.date, derivation: Derivation, rulebook: Rulebook, info: RulesetInfo
+    patient_ref: str,
+    as_of: dt.date,
+    derivation: Derivation,
+    rulebook: Rulebook,
+    info: RulesetInfo,
+    dxa_dates: Iterable[dt.date] = (),
 ) -> Assessment:
     outputs = rulebook.outputs
     findings: list[Finding] = []
@@ -227,6 +233,7 @@ def build_assessment(
         flags=tuple(sorted(set(values.get("flags", [])))),
         rules=tuple(sorted(set(derivation.fired))),
         evidence=tuple(evidence),
+        dxa_dates=tuple(sorted(set(dxa_dates))),
         as_of=as_of,
         ruleset=info,
         findings=tuple(findings),

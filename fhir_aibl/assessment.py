@@ -1,7 +1,8 @@
 """The assessment of one patient: the output contract of docs/clinical-specification.md section 0.
 
-`Assessment.contract()` gives exactly the eight contract fields (what
-`fhir-aibl assess --format json` prints). The model carries more beside them,
+`Assessment.contract()` gives exactly the contract fields (what
+`fhir-aibl assess --format json` prints): the eight of the specification, then `dxa_dates`
+(added for the population report, docs/report.md: the dates of the usable DXA results on record). The model carries more beside them,
 for the CarePlan, the cards and a reviewer: the reference date, the ruleset that
 decided, the selected T-score and, for every output item, the rule ids that
 produced it and the FHIR references those rules used (`findings`).
@@ -45,6 +46,10 @@ CONTRACT_FIELDS = (
     "flags",
     "rules",
     "evidence",
+    # Added after the eight above (additive: none of them changed): the dates of the patient's
+    # usable DXA results on record, YYYY-MM-DD, ascending; what the population report's DXA
+    # coverage over time is drawn from (docs/report.md).
+    "dxa_dates",
 )
 
 
@@ -92,6 +97,9 @@ class Assessment(_Frozen):
     flags: tuple[str, ...]
     rules: tuple[str, ...]
     evidence: tuple[str, ...]
+    dxa_dates: tuple[dt.date, ...] = Field(
+        default=(), description="the dates of the usable DXA results on record (on or before as_of), ascending"
+    )
     # Beyond the contract.
     as_of: dt.date
     ruleset: RulesetInfo

@@ -4,6 +4,7 @@
     fhir-aibl run --fhir-base URL (--patient ID ... | --all) [--write-back] ...   (fhir_aibl/fhir/command.py)
     fhir-aibl serve [--host 127.0.0.1] [--port 8080] [--config FILE]              (fhir_aibl/cds/command.py)
     fhir-aibl synth --patients N --seed S --out DIR                                 (fhir_aibl/synth.py)
+    fhir-aibl report ASSESSMENTS... [--worklist PATH] [--report PATH.html]          (fhir_aibl/report/command.py)
     fhir-aibl rules check|doc [--rules DIR-or-FILE]
     fhir-aibl demo [PATH...] [--as-of DATE] [--out DIR] [--rules DIR-or-FILE]
 
@@ -28,7 +29,7 @@ from . import __version__
 from .assess import Assessor, Result, assess_record, record_problems
 from .assessment import Assessment
 from .errors import AiblError, PatientMissingError
-from .report.worklist import Worklist
+from .report.outputs import PopulationOutputs, add_output_arguments
 from .resources import RULES_HELP, examples_dir
 
 from .sources import PatientRecord, iter_records
@@ -127,13 +128,7 @@ def _parser() -> argparse.ArgumentParser:
     assess.add_argument(
         "--explain", action="store_true", help="with --format json: add as_of, ruleset and the rules and evidence of every finding"
     )
-    assess.add_argument(
-        "--worklist",
-        type=Path,
-        default=None,
-        metavar="CSV",
-        help="also write the bone-health worklist: patients on an aromatase inhibitor with a care gap, most urgent first",
-    )
+    add_output_arguments(assess)
     assess.add_argument(
         "--workers",
         type=_positive,
@@ -168,6 +163,13 @@ def _parser() -> argparse.ArgumentParser:
     serve = _sub(sub, "serve", "serve AIBL decision support to EHRs as a CDS Hooks 2.0 service", EXIT_SERVE)
 
     cds_command.add_arguments(serve)
+    from .report import command as report_command
+
+    report_command.add_arguments(
+        _sub(sub, "report", "write the worklist and the population report from saved assessments",
+             report_command.EXIT_REPORT),
+        _date,
+    )
     from . import synth
 
     synth.add_arguments(_sub(sub, "synth", "write a synthetic population (Bulk Data NDJSON) for benchmarks", EXIT_SYNTH))
@@ -304,9 +306,13 @@ def _assess_command(args: argparse.Namespace) -> int:
 
 def _assess(args: argparse.Namespace) -> int:
     as_of = args.as_of or dt.date.today()
+    written = PopulationOutputs(args.worklist, args.report)
+    if (problem := written.problem()) is not None:
+        _err(f"fatal: {problem}")
+        return 2
     assessor = Assessor(args.rules, mode=args.mode)
     if args.format == "html":
-        return _assess_html(args, assessor, iter_records(args.paths, terminology=assessor.terminology), as_of)
+        return _assess_html(args, assessor, iter_records(args.paths, terminology=assessor.terminology), as_of, written)
     from .population import choose_workers
 
     workers = choose_workers(args.paths, args.workers)
@@ -317,16 +323,14 @@ def _assess(args: argparse.Namespace) -> int:
         # what they held before.
         problems: list[AiblError] = []
         if workers > 1:
-            outputs = _population(args, assessor, as_of, workers, "explained" if args.explain else "contract", problems)
+            items = _population(args, assessor, as_of, workers, "explained" if args.explain else "contract", problems)
         else:
             results = iter_assessments(assessor, iter_records(args.paths, terminology=assessor.terminology), as_of, problems)
-            outputs = (r.assessment.explained() if args.explain else r.assessment.contract() for r in results)
-        worklist = Worklist() if args.worklist else None
-        write_json_array(worklist.tee(outputs) if worklist else outputs, sys.stdout)
+            items = (r.assessment.explained() if args.explain else r.assessment.contract() for r in results)
+        write_json_array(written.tee(items) if written.wanted else items, sys.stdout)
         for problem in problems:
             _err(f"error: {problem}")
-        _write_worklist(worklist, args.worklist)
-        return 1 if problems else 0
+        return 1 if not written.write(as_of, sys.stderr) or problems else 0
     if workers > 1 and args.format != "fhir":
         problems = []
         assessments = list(_population(args, assessor, as_of, workers, "assessment", problems))
@@ -346,32 +350,25 @@ def _assess(args: argparse.Namespace) -> int:
         incomplete = sum(isinstance(p, PatientMissingError) for p in problems)
         rejected = f"{len(problems) - incomplete} rejected" + (f", {incomplete} without a usable Patient" if incomplete else "")
         print(f"\n{len(assessments)} assessed, {rejected}; ruleset {assessor.rulebook.name}; as of {as_of}")
-    if args.worklist:
-        worklist = Worklist()
-        for assessment in assessments:
-            worklist.add(assessment)
-        _write_worklist(worklist, args.worklist)
-    return 1 if problems else 0
+    for assessment in assessments if written.wanted else ():
+        written.add(assessment)
+    return 1 if not written.write(as_of, sys.stderr) or problems else 0
 
 
-def _write_worklist(worklist: Worklist | None, path: Path | None) -> None:
-    if worklist is not None and path is not None:
-        count = worklist.write_csv(path)
-        _err(f"worklist: {count} patients on an aromatase inhibitor with a care gap, in {path}")
-
-
-def _assess_html(args: argparse.Namespace, assessor: Assessor, records: Any, as_of: dt.date) -> int:
+def _assess_html(
+    args: argparse.Namespace, assessor: Assessor, records: Any, as_of: dt.date, written: PopulationOutputs
+) -> int:
     from .view.site import write_site
 
     if args.out is None:
         _err("error: --format html needs --out DIR (the folder for the pages)")
         return 2
     problems: list[AiblError] = []
-    pages = write_site(assessor, records, as_of, args.out, problems)
+    pages = write_site(assessor, records, as_of, args.out, problems, on_assessment=written.add if written.wanted else None)
     for problem in problems:
         _err(f"error: {problem}")
     print(f"{len(pages) - 1} patient pages and {pages[-1]} written; {len(problems)} rejected; as of {as_of}")
-    return 1 if problems else 0
+    return 1 if not written.write(as_of, sys.stderr) or problems else 0
 
 
 def demo_paths(extra: Sequence[Path] = ()) -> list[Path]:
@@ -464,6 +461,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .cds import command as cds_command
 
             return cds_command.run(args)
+        if args.command == "report":
+            from .report import command as report_command
+
+            return report_command.run(args)
         if args.command == "synth":
             from . import synth
 

@@ -46,6 +46,9 @@ class FactSet:
     facts: list[dict] = field(default_factory=list)
     #: data-quality findings that are not errors: a value without a usable unit, an implausible value ...
     problems: list[str] = field(default_factory=list)
+    #: the dates of the usable DXA results on record (scan dates on or before as_of, distinct, ascending):
+    #: the contract's `dxa_dates`, from which a population's DXA coverage over time is drawn
+    dxa_dates: tuple[dt.date, ...] = ()
 
     def of_type(self, fact_type: str) -> list[dict]:
         return [f for f in self.facts if f["t"] == fact_type]
@@ -136,6 +139,7 @@ class _Extractor:
         self.conversions: dict[str, dict] = dict(units.get("conversions") or {})
         self.facts: list[dict] = []
         self.problems: list[str] = []
+        self.dxa_dates: set[dt.date] = set()
         self.birth: dt.date | None = None
         self.sex = "unknown"
         #: (fact type, ...) -> (date, reference, fields) of the latest measurement
@@ -351,6 +355,8 @@ class _Extractor:
         if age_months is not None:
             fields["age_months"] = age_months
         self.add("dxa", [ref], **fields)
+        if when is not None:
+            self.dxa_dates.add(when)
         if measure == "BMD" and when is not None:
             device = (res.get("device") or {}).get("reference") or (res.get("device") or {}).get("display")
             dxa_rows.append(
@@ -961,4 +967,6 @@ def extract_facts(patient_ref: str, resources: Iterable[Mapping[str, Any]], as_o
     ex.derived_measurements([f["refs"][0] for f in ex.facts if f["t"] == "patient" and f["refs"]])
     ex.bmd_changes(dxa_rows)
     ex.steroid_exposure(steroid_spans)
-    return FactSet(patient=patient_ref, as_of=as_of, facts=ex.facts, problems=ex.problems)
+    return FactSet(
+        patient=patient_ref, as_of=as_of, facts=ex.facts, problems=ex.problems, dxa_dates=tuple(sorted(ex.dxa_dates))
+    )

@@ -62,6 +62,13 @@ EOF
 "$BIN/fhir-aibl" assess "$EXAMPLES/bundles/V06.json" --as-of 2026-06-01 --format fhir > "$WORK/v06-fhir.json"
 grep -q '"resourceType": "CarePlan"' "$WORK/v06-fhir.json"
 
+step "the worklist and the population report (their templates are package data)"
+"$BIN/fhir-aibl" assess "$EXAMPLES/bundles" --as-of 2026-06-01 --format json --worklist "$WORK/worklist.csv" \
+    --report "$WORK/report.html" > "$WORK/examples.json"
+grep -q '<svg id="category-chart"' "$WORK/report.html" && grep -q '^priority,patient,' "$WORK/worklist.csv"
+"$BIN/fhir-aibl" report "$WORK/examples.json" --as-of 2026-06-01 --report "$WORK/report-again.html"
+cmp "$WORK/report.html" "$WORK/report-again.html"
+
 step "rules check"
 "$BIN/fhir-aibl" rules check | tail -2
 

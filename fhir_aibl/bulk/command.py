@@ -2,7 +2,7 @@
 
     fhir-aibl export --fhir-base URL [--group ID | --level system|patient] [--out DIR] [--since INSTANT | --incremental]
     fhir-aibl run --bulk --fhir-base URL [--group ID] [--out DIR] [--format table|json] [--workers N]
-                 [--write-back] [--worklist CSV] [--incremental [--full]]
+                 [--write-back] [--worklist PATH] [--report PATH.html] [--incremental [--full]]
 
 Both take the connection options of `run` (authentication, timeouts, retries). `export`
 writes NDJSON files and `state.json` into the output folder and prints where;
@@ -69,9 +69,6 @@ def add_bulk_arguments(parser: argparse.ArgumentParser, who: argparse._MutuallyE
     bulk.add_argument(
         "--type-filter", action="append", default=[], metavar="QUERY",
         help="_typeFilter, e.g. Observation?status=final; repeat for several (default: none)"
-    )
-    bulk.add_argument(
-        "--worklist", type=Path, default=None, metavar="CSV", help="run --bulk: also write the bone-health worklist"
     )
     bulk.add_argument(
         "--export-deadline", type=float, default=3600.0, metavar="S", help="give up waiting after S seconds (default: 3600)"
@@ -174,8 +171,12 @@ def _run_bulk(args, assessor, environ, session, out, err, opened) -> int:
     from ..assess import Assessor
     from ..cli import fewer_collections, format_table, write_json_array
     from ..population import assess_population, choose_workers, one_process_items
-    from ..report.worklist import Worklist
+    from ..report.outputs import PopulationOutputs
 
+    written = PopulationOutputs(args.worklist, args.report)
+    if (problem := written.problem()) is not None:
+        print(f"fatal: {problem}", file=err)
+        return 2
     try:
         if assessor is None or args.rules is not None:
             assessor = Assessor(args.rules)
@@ -241,9 +242,8 @@ def _run_bulk(args, assessor, environ, session, out, err, opened) -> int:
             items = incremental.merged(items)
         if writer is not None:
             items = _written(items, writer)
-        worklist = Worklist() if args.worklist else None
-        if worklist is not None:
-            items = worklist.tee(items)
+        if written.wanted:
+            items = written.tee(items)
         if args.format == "json" and wanted == "assessment":
             items = (a.explained() if args.explain else a.contract() for a in items)
         if args.format == "json":
@@ -253,10 +253,7 @@ def _run_bulk(args, assessor, environ, session, out, err, opened) -> int:
             print(format_table(assessments), file=out)
     for problem in problems:
         print(f"error: {problem}", file=err)
-    if worklist is not None:
-        count = worklist.write_csv(args.worklist)
-        print(f"worklist: {count} patients on an aromatase inhibitor with a care gap, in {args.worklist}", file=err)
-    failed = False
+    failed = not written.write(as_of, err)
     if writer is not None:
         report = writer.report
         for patient, reason in report.failed:
@@ -266,7 +263,7 @@ def _run_bulk(args, assessor, environ, session, out, err, opened) -> int:
             f"({report.requests} requests)",
             file=err,
         )
-        failed = bool(report.failed)
+        failed = failed or bool(report.failed)
     if incremental is not None:
         print(incremental.summary(), file=err)
         if result.errors:  # the server could not export everything: the next run asks for these changes again

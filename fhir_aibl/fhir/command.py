@@ -2,7 +2,7 @@
 
     fhir-aibl run --fhir-base URL (--patient ID ... | --all | --group ID | --patients-file FILE)
                   [--as-of DATE] [--write-back]
-                  [--format table|json] [--explain] [--profile NAME]
+                  [--format table|json] [--explain] [--profile NAME] [--worklist PATH] [--report PATH.html]
                   [--token-file FILE | --smart-client-id ID --smart-key FILE [--smart-token-url URL]]
 
 Authentication: `--token-file`, else the environment variable FHIR_AIBL_TOKEN, else SMART
@@ -88,6 +88,10 @@ def add_arguments(parser: argparse.ArgumentParser, *, run: bool = True) -> None:
     # --group (the members of a FHIR Group) is with the Bulk options: over REST on its own, or
     # exported at Group level with --bulk
     add_bulk_arguments(parser, who if run else None)
+    if run:  # the population outputs: --all, --group, --patients-file and --bulk (fhir_aibl/report)
+        from ..report.outputs import add_output_arguments
+
+        add_output_arguments(parser)
 
     parser.add_argument("--as-of", type=_date, default=None, help="reference date (default: today)")
     parser.add_argument(
@@ -365,6 +369,12 @@ def run(
         if problem:
             print(f"fatal: {problem}", file=err)
             return 2
+        from ..report.outputs import PopulationOutputs
+
+        written = PopulationOutputs(args.worklist, args.report)
+        if (problem := written.problem()) is not None:
+            print(f"fatal: {problem}", file=err)
+            return 2
         if getattr(args, "bulk", False):
             from ..bulk.command import run_bulk
 
@@ -428,8 +438,13 @@ def run(
             file=err,
         )
         if report.stopped:
+            if written.wanted:  # a part of the population would hide the patients not reached
+                print("worklist and report not written: the run stopped before every patient was attempted", file=err)
             return 2
-        return 1 if report.failed or report.with_problems else 0
+        for assessment in sorted(report.assessments, key=lambda a: a.patient) if written.wanted else ():
+            written.add(assessment)
+        unwritten = not written.write(as_of, err)
+        return 1 if report.failed or report.with_problems or unwritten else 0
     finally:
         if handler is not None:
             log.removeHandler(handler)

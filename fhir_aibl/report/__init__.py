@@ -1,1 +1,1 @@
-"""Views of a population's assessments for the people who act on them (docs/worklist.md)."""
+"""Views of a population's assessments for the people who act on them: the worklist (docs/worklist.md) and the population report (docs/report.md)."""

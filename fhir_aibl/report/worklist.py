@@ -1,8 +1,13 @@
-"""The bone-health worklist: every patient on an aromatase inhibitor with a care gap, most urgent first, as CSV.
+"""The bone-health worklist: every patient on an aromatase inhibitor with a care gap, most urgent first, as CSV or Parquet.
 
     worklist = Worklist()
     for contract in outputs: worklist.add(contract)      # or `worklist.tee(outputs)` while they are written
-    worklist.write_csv(path)
+    worklist.write(path)                                  # Parquet when path ends in .parquet, else CSV
+
+The Parquet file has the CSV's rows in the CSV's order, with `priority` an int32 and every
+other column a string (`care_gaps` and `safety_concerns` joined with "; " as in the CSV): the
+Spark engine writes the same schema, so the two are interchangeable. Parquet needs pyarrow
+(the `parquet` extra); `parquet_problem` says so before any work is done.
 
 Built from the output contract alone (`ai_status`, `category`, `recommendations`, `flags`),
 so it reads the same from `assess`, `run --bulk` and any number of workers. Patients whose
@@ -51,6 +56,31 @@ SAFETY = {
 }
 
 COLUMNS = ("priority", "patient", "category", "aromatase_inhibitor", "care_gaps", "safety_concerns")
+PARQUET_MISSING = "a .parquet worklist needs pyarrow: install fhir-aibl[parquet]"
+
+
+def is_parquet(path: Path) -> bool:
+    return path.suffix.lower() == ".parquet"
+
+
+def parquet_problem(path: Path | None) -> str | None:
+    """Why the worklist at `path` cannot be written (pyarrow missing for a .parquet path), else None:
+    asked before any work, so that a long run does not end without its worklist."""
+    if path is None or not is_parquet(path):
+        return None
+    try:
+        import pyarrow  # noqa: F401
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        return PARQUET_MISSING
+    return None
+
+
+def parquet_schema():
+    """The worklist's Parquet schema (the Spark engine writes the same)."""
+    import pyarrow as pa
+
+    return pa.schema([("priority", pa.int32())] + [(name, pa.string()) for name in COLUMNS[1:]])
 ON_AI = ("active", "planned")
 
 
@@ -137,6 +167,22 @@ class Worklist:
 
     def ordered(self) -> list[Row]:
         return sorted(self.rows, key=lambda r: (r.priority, r.patient))
+
+    def write(self, path: Path) -> int:
+        """Parquet when `path` ends in .parquet, else CSV; the number of rows written."""
+        return self.write_parquet(path) if is_parquet(path) else self.write_csv(path)
+
+    def write_parquet(self, path: Path) -> int:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = self.ordered()
+        columns = list(zip(*(row.csv() for row in rows))) if rows else [()] * len(COLUMNS)
+        arrays = [pa.array([int(v) for v in columns[0]], type=pa.int32())]
+        arrays += [pa.array(list(values), type=pa.string()) for values in columns[1:]]
+        pq.write_table(pa.Table.from_arrays(arrays, schema=parquet_schema()), path)
+        return len(rows)
 
     def write_csv(self, path: Path) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,18 +15,24 @@ from .model import PatientView, day_text, score_text
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 
-@functools.cache
-def environment() -> Environment:
+def template_environment(folder: Path, **functions) -> Environment:
+    """The project's Jinja2 settings for pages of package-data templates in `folder` (also the
+    population report's, fhir_aibl/report/render.py), with `functions` callable from them."""
     env = Environment(
-        loader=FileSystemLoader(TEMPLATES),
+        loader=FileSystemLoader(folder),
         autoescape=True,  # every value from a record is escaped: a name may hold markup
         undefined=StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
-    env.globals.update(day=day_text, score=score_text)
+    env.globals.update(functions)
     return env
+
+
+@functools.cache
+def environment() -> Environment:
+    return template_environment(TEMPLATES, day=day_text, score=score_text)
 
 
 def render_patient(view: PatientView) -> str:

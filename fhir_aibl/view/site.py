@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ..assess import RULES_DIR, Assessor
+from ..assessment import Assessment
 from ..careplan import Catalogue, load_catalogue
 from ..errors import AiblError
 from ..sources import PatientRecord
@@ -39,10 +40,12 @@ def write_site(
     out: Path,
     problems: list[AiblError],
     catalogue: Catalogue | None = None,
+    on_assessment: Callable[[Assessment], None] | None = None,
 ) -> list[Path]:
     """Assess every record and write its page into `out`, then `index.html`; the pages written, index last.
 
     A record that cannot be assessed is appended to `problems` and the others carry on.
+    `on_assessment` sees each assessment (the command's worklist and population report).
     """
     from ..cli import iter_assessments  # the CLI's loop: the same rejections, the same warnings
 
@@ -54,6 +57,8 @@ def write_site(
     written = []
     for record in records:
         for result in iter_assessments(assessor, [record], as_of, problems):
+            if on_assessment is not None:
+                on_assessment(result.assessment)
             view = build_view(result.assessment, result.facts, record.resources, catalogue)
             name = page_name(view.patient_id, taken)
             path = out / name

@@ -10,12 +10,13 @@ import pytest
 import responses
 from joserfc.jwk import RSAKey
 
+from fhir_aibl.assessment import CONTRACT_FIELDS
 from fhir_aibl.fhir import command
 
 from .conftest import run_command
 from .fakes import BASE, FakeFhir, mock, outcome, record
 
-CONTRACT = ["patient", "ai_status", "category", "risk_factors", "recommendations", "flags", "rules", "evidence"]
+CONTRACT = list(CONTRACT_FIELDS)  # the eight of the specification, then dxa_dates
 
 
 def run_fake(fake: FakeFhir, *argv: str, environ: dict | None = None):
