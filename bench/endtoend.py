@@ -91,17 +91,22 @@ def _argv(base: str, workers: int, *rest: str) -> list[str]:
     return [exe, "run", "--fhir-base", base, "--as-of", AS_OF, "--format", "json", "--workers", str(workers), *rest]
 
 
-def fixed_cost(base: str, patient: str) -> float:
+def fixed_cost(base: str, patient: str, repeat: int = 2) -> float:
     """CPU seconds of `run --patient ID` for one patient: the command's fixed cost (start, imports, rules,
     the R4 models, the CapabilityStatement) and that patient. Subtracted, what is left is per patient."""
-    return min(timed(_argv(base, 1, "--patient", patient))["cpu_s"] for _ in range(2))
+    return min(timed(_argv(base, 1, "--patient", patient))["cpu_s"] for _ in range(max(2, repeat)))
 
 
-def run_path(path: str, base: str, workers: int, tmp: Path, outputs: dict) -> dict:
+def run_path(path: str, base: str, workers: int, tmp: Path, outputs: dict, repeat: int = 1) -> tuple[dict, float]:
+    """The command on one path, `repeat` times: the least CPU and wall time (a shared machine only adds)."""
     argv = _argv(base, workers, *(["--all"] if path == "rest" else ["--bulk", "--out", str(tmp / "bulk")]))
-    got = timed(argv)
-    if got["code"] not in (0, 1):
-        raise RuntimeError(f"{' '.join(argv[1:])} exited {got['code']}: {got['stderr'][-600:]}")
+    runs = []
+    for _ in range(max(1, repeat)):
+        got = timed(argv)
+        if got["code"] not in (0, 1):
+            raise RuntimeError(f"{' '.join(argv[1:])} exited {got['code']}: {got['stderr'][-600:]}")
+        runs.append(got)
+    got = dict(runs[-1], cpu_s=min(r["cpu_s"] for r in runs), wall_s=min(r["wall_s"] for r in runs))
     assessed = json.loads(got["stdout"] or "[]")
     outputs[path] = {a["patient"]: a for a in assessed}
     patients = len(assessed)
@@ -121,7 +126,7 @@ def run_path(path: str, base: str, workers: int, tmp: Path, outputs: dict) -> di
     }, got["cpu_s"]
 
 
-def measure(*, patients: int | None, data: str, workers: int, paths: list[str], log=print) -> dict:
+def measure(*, patients: int | None, data: str, workers: int, paths: list[str], repeat: int = 1, log=print) -> dict:
     from tests.fhir_server import SekmetUnavailable, sekmet_server
 
     with tempfile.TemporaryDirectory(prefix="fhir-aibl-e2e-bench-") as tmp:
@@ -140,16 +145,16 @@ def measure(*, patients: int | None, data: str, workers: int, paths: list[str], 
                 what = f"{patients} synthetic patients (fhir-aibl synth, seed 1)"
             log(f"end-to-end: {loaded} resources ({what}) loaded in {time.perf_counter() - t0:.1f}s")
             result: dict = {"status": "ok", "server": "SEKMET (tests/fhir_server.py)", "data": what,
-                            "resources_loaded": loaded, "workers": workers}
+                            "resources_loaded": loaded, "workers": workers, "repeat": repeat}
             outputs: dict = {}
             cpu: dict = {}
             for path in paths:
                 log(f"end-to-end: {path}")
-                result[path], cpu[path] = run_path(path, base, workers, Path(tmp), outputs)
+                result[path], cpu[path] = run_path(path, base, workers, Path(tmp), outputs, repeat)
             some = next((p for out in outputs.values() for p in out), None)
             if some is not None:
                 # the marginal cost of a patient: the run less a one-patient run, over the other patients
-                fixed = result["fixed_cost_cpu_s"] = round(fixed_cost(base, some.split("/", 1)[1]), 3)
+                fixed = result["fixed_cost_cpu_s"] = round(fixed_cost(base, some.split("/", 1)[1], repeat), 3)
                 for path in paths:
                     n = result[path]["patients"]
                     net = round((cpu[path] - fixed) * 1000 / (n - 1), 2) if n > 1 else None
@@ -172,9 +177,10 @@ def main() -> int:
                         help="synthetic patients, or what the connector tests load (default: synthetic)")
     parser.add_argument("--workers", type=int, default=1, help="run --workers (default: 1)")
     parser.add_argument("--paths", default="rest,bulk", help="rest, bulk or both (default: rest,bulk)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each command; the least CPU time counts (default: 1)")
     args = parser.parse_args()
     result = measure(patients=args.patients, data=args.data, workers=args.workers,
-                     paths=[p for p in args.paths.split(",") if p],
+                     paths=[p for p in args.paths.split(",") if p], repeat=args.repeat,
                      log=lambda m: print(m, file=sys.stderr, flush=True))
     print(json.dumps(result), flush=True)
     return 0 if result.get("status") == "ok" else 1
