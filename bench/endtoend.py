@@ -163,7 +163,12 @@ def measure(*, patients: int | None, data: str, workers: int, paths: list[str], 
                 # REST assesses the patients on an aromatase inhibitor, Bulk everyone: the same answer for each
                 rest, bulk = outputs["rest"], outputs["bulk"]
                 result["rest_patients_in_bulk"] = sum(1 for p in rest if p in bulk)
-                result["identical_results"] = all(bulk.get(p) == a for p, a in rest.items())
+                differ = [p for p, a in rest.items() if bulk.get(p) != a]
+                result["identical_results"] = not differ
+                result["differing"] = [
+                    {"patient": p, "fields": sorted(k for k in rest[p] if (bulk.get(p) or {}).get(k) != rest[p][k])}
+                    for p in differ[:5]
+                ]
         finally:
             server.__exit__(None, None, None)
     result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]

@@ -182,17 +182,22 @@ def section_assess(plan: dict, cache: Path) -> dict:
             log(f"assess N={n:,}: {variant}")
             out = worker(["assess", str(directory), "--variant", variant], timeout=36_000)
             out["ratio_to_parse_floor"] = round(out["seconds"] / floor["seconds"], 1) if floor["seconds"] else None
+            # the same ratio in CPU time: on a shared machine, wall time also measures the neighbours
+            out["cpu_ratio_to_parse_floor"] = round(out["cpu_seconds"] / floor["cpu_seconds"], 1) if floor.get("cpu_seconds") else None
             row[variant] = out
         if n <= 10_000:  # the command as a user runs it: shown where its minutes are affordable
             log(f"assess N={n:,}: fhir-aibl assess --format json")
             out = worker(["cli", str(directory)], timeout=36_000)
             out["patients_per_second"] = round(n / out["seconds"], 1)
             out["ratio_to_parse_floor"] = round(out["seconds"] / floor["seconds"], 1) if floor["seconds"] else None
+            out["cpu_ratio_to_parse_floor"] = round(out["cpu_seconds"] / floor["cpu_seconds"], 1) if floor.get("cpu_seconds") else None
             row["command"] = out
         runs.append(row)
     largest = runs[-1]
     result: dict = {"runs": runs, "target_ratio": TARGETS["assess_ratio"], "target_memory": TARGETS["assess_memory"]}
-    result["ratio_met"] = largest["shipped"]["ratio_to_parse_floor"] <= 10
+    # CPU time where measured (the process is pinned to one core; a busy machine inflates wall time only)
+    ratio = largest["shipped"].get("cpu_ratio_to_parse_floor") or largest["shipped"]["ratio_to_parse_floor"]
+    result["ratio_met"] = ratio <= 10
     if len(runs) >= 2:
         a, b = runs[-2], runs[-1]
         growth = (b["shipped"]["peak_rss_mb"] - a["shipped"]["peak_rss_mb"]) / ((b["patients"] - a["patients"]) / 1000)
@@ -386,10 +391,13 @@ def table(results: dict) -> str:
                 if v:
                     label = {"shipped": "pipeline as shipped", "no-validation": "no validation",
                              "command": "fhir-aibl assess (json)"}[variant]
+                    cpu = f" (CPU {v['cpu_ratio_to_parse_floor']}x)" if v.get("cpu_ratio_to_parse_floor") else ""
                     rows.append(("assess " + n, f"{label}: patients/s, x floor, peak MB",
-                                 f"{fmt(v['patients_per_second'])}, {v['ratio_to_parse_floor']}x, {fmt(v['peak_rss_mb'])}", ""))
+                                 f"{fmt(v['patients_per_second'])}, {v['ratio_to_parse_floor']}x{cpu}, {fmt(v['peak_rss_mb'])}", ""))
         if a.get("runs"):
-            rows.append(("assess", "ratio to floor, largest N (shipped)", f"{a['runs'][-1]['shipped']['ratio_to_parse_floor']}x",
+            shipped = a["runs"][-1]["shipped"]
+            rows.append(("assess", "ratio to floor, largest N (shipped; CPU time where measured)",
+                         f"{shipped.get('cpu_ratio_to_parse_floor') or shipped['ratio_to_parse_floor']}x",
                          verdict(a.get("ratio_met")) + " (<= 10x)"))
             rows.append(("assess", "memory growth, MB per 1,000 patients", fmt(a.get("memory_growth_mb_per_1000_patients")),
                          verdict(a.get("memory_met")) + " (flat)"))
