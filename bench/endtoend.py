@@ -44,24 +44,23 @@ _REST_REQUESTS = re.compile(r"round trips: pull [\d.]+ per patient \((\d+) reque
 _BULK_REQUESTS = re.compile(r"exported \d+ files \(.*?\) in (\d+) requests")
 
 
-def load_synthetic(base: str, patients: int) -> int:
+def load_synthetic(base: str, patients: int) -> tuple[int, list[str]]:
+    """Synthetic patients 0 .. patients-1 (seed 1) as one PUT transaction each: (resources loaded, Patient ids)."""
     import requests
 
     from fhir_aibl import synth
-    from tests.fhir.loading import to_put_transaction
+    from tests.fhir.loading import load_bundle
 
     session = requests.Session()
     loaded = 0
+    ids = []
     for i in range(patients):
         resources = synth.patient_record(1, i)
         bundle = {"resourceType": "Bundle", "type": "collection",
                   "entry": [{"fullUrl": f"urn:uuid:{r['id']}", "resource": r} for r in resources]}
-        tx = to_put_transaction(bundle)
-        resp = session.post(base, json=tx, headers={"Content-Type": "application/fhir+json"}, timeout=300)
-        if resp.status_code != 200:
-            raise RuntimeError(f"loading failed: HTTP {resp.status_code}: {resp.text[:300]}")
-        loaded += len(tx["entry"])
-    return loaded
+        loaded += load_bundle(base, bundle, session, what=f"synthetic patient {i}")
+        ids.append(next(r["id"] for r in resources if r["resourceType"] == "Patient"))
+    return loaded, ids
 
 
 def load_fixtures(base: str) -> tuple[int, bool]:
@@ -141,7 +140,7 @@ def measure(*, patients: int | None, data: str, workers: int, paths: list[str], 
                 loaded, shared = load_fixtures(base)
                 what = "worked examples" + (", Synthea records and Jenny M" if shared else " (../shared/data absent)")
             else:
-                loaded = load_synthetic(base, patients or 0)
+                loaded, _ids = load_synthetic(base, patients or 0)
                 what = f"{patients} synthetic patients (fhir-aibl synth, seed 1)"
             log(f"end-to-end: {loaded} resources ({what}) loaded in {time.perf_counter() - t0:.1f}s")
             result: dict = {"status": "ok", "server": "SEKMET (tests/fhir_server.py)", "data": what,
