@@ -164,6 +164,11 @@ def measure(*, patients: int | None, data: str, workers: int, paths: list[str], 
                 result["rest_patients_in_bulk"] = sum(1 for p in rest if p in bulk)
                 differ = [p for p, a in rest.items() if bulk.get(p) != a]
                 result["identical_results"] = not differ
+                # what a clinician acts on: the category, the AI status and the recommendations
+                result["same_category_and_recommendations"] = all(
+                    all((bulk.get(p) or {}).get(k) == a.get(k) for k in ("ai_status", "category", "recommendations"))
+                    for p, a in rest.items()
+                )
                 result["differing"] = [
                     {"patient": p, "fields": sorted(k for k in rest[p] if (bulk.get(p) or {}).get(k) != rest[p][k])}
                     for p in differ[:5]
