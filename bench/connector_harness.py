@@ -27,17 +27,14 @@ AS_OF = dt.date(2026, 6, 1)
 
 
 def measure(*, patients: int, log=print) -> dict:
-    import requests
+    from endtoend import load_synthetic  # bench/endtoend.py
 
-    from fhir_aibl import synth
     from fhir_aibl.assess import RULES_DIR, Assessor
     from fhir_aibl.careplan import load_catalogue
     from fhir_aibl.fhir import FhirClient, Puller
     from fhir_aibl.fhir.runner import Runner
-    from tests.fhir.loading import to_put_transaction
     from tests.fhir_server import SekmetUnavailable, sekmet_server
 
-    records = [synth.patient_record(1, i) for i in range(patients)]
     with tempfile.TemporaryDirectory(prefix="fhir-aibl-connector-bench-") as tmp:
         server = sekmet_server(Path(tmp))
         try:
@@ -45,19 +42,8 @@ def measure(*, patients: int, log=print) -> dict:
         except SekmetUnavailable as exc:
             return {"status": "pending", "reason": f"test FHIR server unavailable: {exc}", "met": None}
         try:
-            session = requests.Session()
             t0 = time.perf_counter()
-            ids = []
-            loaded = 0
-            for resources in records:
-                bundle = {"resourceType": "Bundle", "type": "collection",
-                          "entry": [{"fullUrl": f"urn:uuid:{r['id']}", "resource": r} for r in resources]}
-                tx = to_put_transaction(bundle)
-                resp = session.post(base, json=tx, headers={"Content-Type": "application/fhir+json"}, timeout=300)
-                if resp.status_code != 200:
-                    raise RuntimeError(f"loading failed: HTTP {resp.status_code}: {resp.text[:300]}")
-                loaded += len(tx["entry"])
-                ids.append(next(r["id"] for r in resources if r["resourceType"] == "Patient"))
+            loaded, ids = load_synthetic(base, patients)
             load_seconds = time.perf_counter() - t0
             log(f"connector: {loaded} resources of {patients} patients loaded into {base} in {load_seconds:.1f}s")
 

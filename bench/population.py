@@ -20,6 +20,7 @@ import argparse
 import filecmp
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -95,6 +96,7 @@ def main() -> int:
     parser.add_argument("data", type=Path)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--as-of", default="2026-06-01")
+    parser.add_argument("--keep", type=Path, default=None, help="keep the one-process output as this file (default: not kept)")
     args = parser.parse_args()
     exe = str(Path(sys.executable).parent / "fhir-aibl")
     base = [exe, "assess", str(args.data), "--as-of", args.as_of, "--format", "json"]
@@ -102,6 +104,8 @@ def main() -> int:
         one = measure([*base, "--workers", "1"], Path(tmp) / "one.json")
         many = measure([*base, "--workers", str(args.workers)], Path(tmp) / "many.json")
         same = filecmp.cmp(Path(tmp) / "one.json", Path(tmp) / "many.json", shallow=False)
+        if args.keep is not None:
+            shutil.copyfile(Path(tmp) / "one.json", args.keep)
     serial_cpu = one["command_cpu_s"]
     critical = many["command_cpu_s"] + (many["worker_cpu_s"][0] if many["worker_cpu_s"] else 0.0)
     print(

@@ -20,6 +20,12 @@ Sections, each measured in processes of its own, all in one run:
              requests per patient for a write-back; target one round trip where batch works
 - drift      resident memory over 1,000,000 engine evaluations (bench/engine_memory.py);
              target <= 20 MB
+- population issue 14 at scale: `assess` with 1 and 2 workers on 10,000 and 100,000 patients
+             (bench/population.py: wall, CPU of every process, peak memory, the fair ratio;
+             target >= 1.8x), `assess --engine spark` (local[2]) on the same data when pyspark
+             is importable (target within 1.5x of 2 workers, identical), and `run --all`
+             (REST) and `run --bulk` against the test FHIR server (bench/endtoend.py:
+             patients/s, requests per 1,000 patients, client CPU per patient)
 
 `--quick` runs every section small (about a minute; what CI runs so the suite cannot rot);
 nothing asserts a time anywhere. A section whose subject is not there yet (the CDS service,
@@ -48,7 +54,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 
-SECTIONS = ("engine", "assess", "cds", "connector", "drift")
+SECTIONS = ("engine", "assess", "cds", "connector", "drift", "population")
 #: assess variants (bench/workers.py assess --variant)
 VARIANTS = ("shipped", "no-validation")
 CACHE = BENCH / ".cache"
@@ -63,6 +69,8 @@ PLAN = {
     "connector": ({"patients": 3}, {"patients": 20}),
     "drift": ({"evaluations": 10_000, "every": 2_500, "patients": 200},
               {"evaluations": 1_000_000, "every": 50_000, "patients": 2_000}),
+    "population": ({"sizes": [200], "workers": 2, "server_patients": 3},
+                   {"sizes": [10_000, 100_000], "workers": 2, "server_patients": 200, "repeat": 3}),
 }
 TARGETS = {
     "engine": "evaluations/s on one core >= 3,000",
@@ -72,6 +80,11 @@ TARGETS = {
     "cds_cpu": "service CPU <= 5 ms per patient-view call (one worker)",
     "connector": "1 round trip per patient pull (server supports batch)",
     "drift": "RSS drift <= 20 MB over the evaluations",
+    "workers": "assess --workers 2 >= 1.8x one worker (fair CPU-time ratio, bench/population.py)",
+    "population_memory": "peak memory independent of N (growth between the two largest N <= 1 MB per 1,000 patients)",
+    "rest_cpu": "REST run --all: client CPU per patient <= 5.55 ms (half of 11.1 ms)",
+    "bulk": "Bulk run --bulk: <= 30 requests per 1,000 patients and <= 5 ms client CPU per patient (download included)",
+    "spark": "Spark local[2] within 1.5x of assess --workers 2 (wall, 100,000 patients), identical results",
 }
 
 
@@ -169,17 +182,22 @@ def section_assess(plan: dict, cache: Path) -> dict:
             log(f"assess N={n:,}: {variant}")
             out = worker(["assess", str(directory), "--variant", variant], timeout=36_000)
             out["ratio_to_parse_floor"] = round(out["seconds"] / floor["seconds"], 1) if floor["seconds"] else None
+            # the same ratio in CPU time: on a shared machine, wall time also measures the neighbours
+            out["cpu_ratio_to_parse_floor"] = round(out["cpu_seconds"] / floor["cpu_seconds"], 1) if floor.get("cpu_seconds") else None
             row[variant] = out
         if n <= 10_000:  # the command as a user runs it: shown where its minutes are affordable
             log(f"assess N={n:,}: fhir-aibl assess --format json")
             out = worker(["cli", str(directory)], timeout=36_000)
             out["patients_per_second"] = round(n / out["seconds"], 1)
             out["ratio_to_parse_floor"] = round(out["seconds"] / floor["seconds"], 1) if floor["seconds"] else None
+            out["cpu_ratio_to_parse_floor"] = round(out["cpu_seconds"] / floor["cpu_seconds"], 1) if floor.get("cpu_seconds") else None
             row["command"] = out
         runs.append(row)
     largest = runs[-1]
     result: dict = {"runs": runs, "target_ratio": TARGETS["assess_ratio"], "target_memory": TARGETS["assess_memory"]}
-    result["ratio_met"] = largest["shipped"]["ratio_to_parse_floor"] <= 10
+    # CPU time where measured (the process is pinned to one core; a busy machine inflates wall time only)
+    ratio = largest["shipped"].get("cpu_ratio_to_parse_floor") or largest["shipped"]["ratio_to_parse_floor"]
+    result["ratio_met"] = ratio <= 10
     if len(runs) >= 2:
         a, b = runs[-2], runs[-1]
         growth = (b["shipped"]["peak_rss_mb"] - a["shipped"]["peak_rss_mb"]) / ((b["patients"] - a["patients"]) / 1000)
@@ -229,6 +247,90 @@ def section_connector(plan: dict) -> dict:
     result["target"] = TARGETS["connector"]
     if result.get("status") == "ok":
         result["met"] = result["pull"]["round_trips_per_patient"] <= 1 if result.get("batch_supported") else None
+    return result
+
+
+def _json_of(cmd: list[str], timeout: float) -> dict:
+    """Run a bench script that prints one JSON object last, whatever its exit status (1: outputs differed)."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    if not lines:
+        raise RuntimeError(f"{' '.join(cmd[1:])} exited {proc.returncode}: {proc.stderr.strip()[-800:]}")
+    return json.loads(lines[-1])
+
+
+def _spark(directory: Path, reference: Path, tmp: Path) -> dict:
+    """`fhir-aibl assess DIR --engine spark` (local[2]) when pyspark is importable, else why it did not run."""
+    import importlib.util
+
+    if importlib.util.find_spec("pyspark") is None:
+        return {"status": "not run", "reason": "pyspark is not importable (pip install '.[spark]' and Java 17)"}
+    import population as population_bench  # bench/population.py
+
+    exe = str(Path(sys.executable).parent / "fhir-aibl")
+    out = tmp / "spark.json"
+    got = population_bench.measure([exe, "assess", str(directory), "--engine", "spark", "--as-of", "2026-06-01",
+                                    "--format", "json"], out)
+    text = out.read_bytes()
+    if not text.strip():
+        return {"status": "error", "reason": "fhir-aibl assess --engine spark wrote nothing on stdout", **got}
+    got["identical_output"] = text == reference.read_bytes()
+    got["status"] = "ok"
+    return got
+
+
+def section_population(plan: dict, cache: Path) -> dict:
+    """assess with 1 and N workers (bench/population.py) and Spark per size; REST and Bulk end to end."""
+    import endtoend  # bench/endtoend.py
+
+    runs = []
+    for n in plan["sizes"]:
+        directory = population(n, cache)
+        with tempfile.TemporaryDirectory(prefix="fhir-aibl-population-bench-") as tmp:
+            keep = Path(tmp) / "one.json"
+            log(f"population N={n:,}: assess --workers 1 and {plan['workers']}")
+            row = _json_of([sys.executable, str(BENCH / "population.py"), str(directory), "--workers", str(plan["workers"]),
+                            "--keep", str(keep)], timeout=72_000)
+            row["patients"] = n
+            log(f"population N={n:,}: spark")
+            try:
+                row["spark"] = _spark(directory, keep, Path(tmp))
+            except Exception as exc:  # the Spark engine is optional: its failure is its row, not the section's
+                row["spark"] = {"status": "error", "reason": f"{type(exc).__name__}: {exc}"[:300]}
+            spark = row["spark"]
+            if spark.get("status") == "ok" and row["many"]["wall_s"]:
+                spark["wall_ratio_to_workers"] = round(spark["wall_s"] / row["many"]["wall_s"], 2)
+        row["peak_mb"] = max([row["one"]["command_peak_mb"], row["many"]["command_peak_mb"], *row["many"]["worker_peak_mb"]])
+        runs.append(row)
+    result: dict = {"runs": runs, "targets": {k: TARGETS[k] for k in ("workers", "population_memory", "rest_cpu", "bulk", "spark")}}
+    largest = runs[-1]
+    result["workers_met"] = bool(largest["fair_ratio"] and largest["fair_ratio"] >= 1.8 and largest["identical_output"])
+    if len(runs) >= 2:
+        a, b = runs[-2], runs[-1]
+        growth = (b["peak_mb"] - a["peak_mb"]) / ((b["patients"] - a["patients"]) / 1000)
+        result["memory_growth_mb_per_1000_patients"] = round(growth, 3)
+        result["memory_met"] = growth <= 1.0
+    else:
+        result["memory_met"] = None
+    spark = largest["spark"]
+    result["spark_met"] = (spark["wall_ratio_to_workers"] <= 1.5 and spark["identical_output"]) if spark.get("status") == "ok" else None
+    log(f"population: REST and Bulk end to end, {plan['server_patients']} synthetic patients on the test server")
+    server = endtoend.measure(patients=plan["server_patients"], data="synthetic", workers=1, paths=["rest", "bulk"],
+                              repeat=plan.get("repeat", 1), log=log)
+    result["server"] = server
+    if server.get("status") == "ok":
+        rest, bulk = server["rest"], server["bulk"]
+        # None where too few patients were found to say (the quick suite's 3 patients)
+        net = rest.get("client_cpu_ms_per_patient_net")
+        result["rest_met"] = None if net is None else net <= 5.55
+        requests, net = bulk.get("requests_per_1000_patients"), bulk.get("client_cpu_ms_per_patient_net")
+        result["bulk_met"] = (None if requests is None or net is None
+                              else requests <= 30 and net <= 5 and bool(server.get("identical_results")))
+    else:
+        result["rest_met"] = result["bulk_met"] = None
+    verdicts = [result[k] for k in ("workers_met", "memory_met", "spark_met", "rest_met", "bulk_met") if result[k] is not None]
+    result["met"] = all(verdicts) if verdicts else None
+    result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     return result
 
 
@@ -292,10 +394,13 @@ def table(results: dict) -> str:
                 if v:
                     label = {"shipped": "pipeline as shipped", "no-validation": "no validation",
                              "command": "fhir-aibl assess (json)"}[variant]
+                    cpu = f" (CPU {v['cpu_ratio_to_parse_floor']}x)" if v.get("cpu_ratio_to_parse_floor") else ""
                     rows.append(("assess " + n, f"{label}: patients/s, x floor, peak MB",
-                                 f"{fmt(v['patients_per_second'])}, {v['ratio_to_parse_floor']}x, {fmt(v['peak_rss_mb'])}", ""))
+                                 f"{fmt(v['patients_per_second'])}, {v['ratio_to_parse_floor']}x{cpu}, {fmt(v['peak_rss_mb'])}", ""))
         if a.get("runs"):
-            rows.append(("assess", "ratio to floor, largest N (shipped)", f"{a['runs'][-1]['shipped']['ratio_to_parse_floor']}x",
+            shipped = a["runs"][-1]["shipped"]
+            rows.append(("assess", "ratio to floor, largest N (shipped; CPU time where measured)",
+                         f"{shipped.get('cpu_ratio_to_parse_floor') or shipped['ratio_to_parse_floor']}x",
                          verdict(a.get("ratio_met")) + " (<= 10x)"))
             rows.append(("assess", "memory growth, MB per 1,000 patients", fmt(a.get("memory_growth_mb_per_1000_patients")),
                          verdict(a.get("memory_met")) + " (flat)"))
@@ -319,6 +424,47 @@ def table(results: dict) -> str:
     if d and not _not_measured("drift", d):
         rows.append(("drift", f"RSS drift over {d['evaluations']:,} evaluations, MB", fmt(d["drift_mb"]),
                      verdict(d["met"]) + " (<= 20 MB)"))
+    p = s.get("population")
+    if p and not _not_measured("population", p):
+        for run in p.get("runs", []):
+            n = f"N={run['patients']:,}"
+            one, many = run["one"], run["many"]
+            rows.append(("population " + n, "assess 1 worker: wall s, CPU s, peak MB",
+                         f"{one['wall_s']}, {one['command_cpu_s']}, {fmt(one['command_peak_mb'])}", ""))
+            rows.append(("population " + n, f"assess {run['workers']} workers: wall s, CPU s (command; workers), peak MB",
+                         f"{many['wall_s']}, {many['command_cpu_s']}; {', '.join(map(str, many['worker_cpu_s']))}, "
+                         f"{fmt(max([many['command_peak_mb'], *many['worker_peak_mb']]))}", ""))
+            last = run is p["runs"][-1]
+            rows.append(("population " + n, f"{run['workers']} workers: fair ratio (CPU), wall ratio, identical",
+                         f"{run['fair_ratio']}x, {run['wall_ratio']}x, {run['identical_output']}",
+                         (verdict(p.get("workers_met")) + " (>= 1.8x)") if last else ""))
+            sp = run.get("spark") or {}
+            if sp.get("status") == "ok":
+                rows.append(("population " + n, "Spark local[2]: wall s, x 2 workers, identical",
+                             f"{sp['wall_s']}, {sp.get('wall_ratio_to_workers')}x, {sp.get('identical_output')}",
+                             (verdict(p.get("spark_met")) + " (<= 1.5x)") if last else ""))
+            else:
+                rows.append(("population " + n, "Spark local[2]", f"{sp.get('status', 'not run')}: {sp.get('reason', '')}"[:70],
+                             "- (<= 1.5x)" if last else ""))
+        if p.get("runs"):
+            rows.append(("population", "memory growth, MB per 1,000 patients (peak of any process)",
+                         fmt(p.get("memory_growth_mb_per_1000_patients")), verdict(p.get("memory_met")) + " (flat)"))
+        srv = p.get("server") or {}
+        if srv.get("status") == "ok":
+            for path, label in (("rest", "REST run --all"), ("bulk", "Bulk run --bulk")):
+                r = srv.get(path)
+                if not r:
+                    continue
+                rows.append(("population", f"{label}: patients, patients/s, requests per 1,000 patients",
+                             f"{r['patients']}, {r['patients_per_second']}, {r['requests_per_1000_patients']}", ""))
+                rows.append(("population", f"{label}: client CPU ms per patient (all; net of start-up)",
+                             f"{r['client_cpu_ms_per_patient']}; {r['client_cpu_ms_per_patient_net']}",
+                             verdict(p.get("rest_met")) + " (<= 5.55 ms net)" if path == "rest"
+                             else verdict(p.get("bulk_met")) + " (<= 30 req, <= 5 ms)"))
+            rows.append(("population", "REST and Bulk: the same assessment for every REST patient",
+                         str(srv.get("identical_results")), ""))
+        elif srv:
+            rows.append(("population", "REST and Bulk end to end", f"{srv.get('status')}: {srv.get('reason', '')}"[:70], ""))
     headers = ("section", "measure", "value", "target")
     widths = [max(len(x) for x in col) for col in zip(headers, *rows)]
     lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |",
@@ -347,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="every section small (about a minute; for CI)")
     parser.add_argument("--out", type=Path, default=BENCH / "results.json", help="JSON results (default: bench/results.json)")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections (default: all of {','.join(SECTIONS)})")
-    parser.add_argument("--sizes", default=None, help="assess population sizes, comma-separated (default: 1000,10000,100000; quick: 200)")
+    parser.add_argument("--sizes", default=None, help="population sizes of the assess and population sections, "
+                        "comma-separated (default: assess 1000,10000,100000, population 10000,100000; quick: 200)")
     parser.add_argument("--cache", type=Path, default=CACHE, help="where synthetic populations are kept (default: bench/.cache)")
     parser.add_argument("--merge", action="store_true",
                         help="keep the sections not run now from the existing --out file (each keeps its own plan and date)")
@@ -377,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
                 results["sections"][name] = {"status": "skipped", "reason": "not in --only", "met": None}
             continue
         plan = dict(PLAN[name][mode])
-        if name == "assess" and args.sizes:
+        if name in ("assess", "population") and args.sizes:
             plan["sizes"] = [int(x) for x in args.sizes.split(",")]
         log(f"section {name}: {plan}")
         t0 = time.perf_counter()
@@ -390,6 +537,8 @@ def main(argv: list[str] | None = None) -> int:
                 out = section_cds(plan)
             elif name == "connector":
                 out = section_connector(plan)
+            elif name == "population":
+                out = section_population(plan, args.cache)
             else:
                 out = section_drift(plan)
             out.setdefault("status", "ok")

@@ -188,8 +188,7 @@ class _Extractor:
         self.add("patient", [reference_of(res)], **fields)
 
     def observation(self, res: Mapping[str, Any], dxa_rows: list[dict]) -> None:
-        recognised = observation_parts(res, self.term)
-        study = dxa_record_code(res.get("code"), self.term)
+        recognised, study = observation_reading(res, self.term)
         if not recognised and not study:
             return
         status = res.get("status")
@@ -726,6 +725,28 @@ def observation_parts(res: Mapping[str, Any], term: Terminology) -> list[tuple[A
     return found
 
 
+#: Every value set an Observation's own code is asked about: `_OBSERVATION_VALUESETS`, then `dxa-procedures`.
+_OBSERVATION_CODE_VALUESETS = (*_OBSERVATION_VALUESETS, "dxa-procedures")
+
+
+def observation_reading(res: Mapping[str, Any], term: Terminology) -> tuple[list[tuple[Any, Mapping[str, Any]]], bool]:
+    """`(observation_parts(res, term), dxa_record_code(res.get("code"), term))`, the code looked up once.
+
+    Every Observation of every record is asked both, by the reader (which to validate) and by
+    the extractor; most (vital signs, blood counts) are neither, and one look-up of the
+    code's codings in the five value sets answers both (`Terminology.firsts`: each value
+    set's answer is the one it gives alone).
+    """
+    code = res.get("code")
+    dxa, observation, condition, tool, procedure = term.firsts(_OBSERVATION_CODE_VALUESETS, code)
+    read = bool(dxa.get("measure")) if dxa is not None else bool(observation or condition or tool)
+    found = [(code, res)] if read else []
+    components = res.get("component")
+    if components:
+        found += [(c.get("code"), c) for c in components if isinstance(c, dict) and _observation_code_read(c.get("code"), term)]
+    return found, dxa is not None or procedure is not None
+
+
 def condition_concepts(res: Mapping[str, Any], term: Terminology) -> list:
     """The conditions-value-set concepts a Condition's code carries."""
     return term.match("conditions", res.get("code"))
@@ -833,7 +854,8 @@ def reads_resource(res: Mapping[str, Any], term: Terminology) -> bool:
     """
     rtype = res.get("resourceType")
     if rtype == "Observation":
-        return bool(observation_parts(res, term)) or dxa_record_code(res.get("code"), term)
+        parts, study = observation_reading(res, term)
+        return bool(parts) or study
     if rtype in _DXA_EVENT_TYPES:
         return dxa_record_code(res.get("code"), term)
     if rtype == "Condition":

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = {"engine", "assess", "cds", "connector", "drift"}
+SECTIONS = {"engine", "assess", "cds", "connector", "drift", "population"}
 
 
 def test_quick_bench_writes_every_section(tmp_path):
@@ -53,6 +53,19 @@ def test_quick_bench_writes_every_section(tmp_path):
     if sections["connector"]["status"] == "ok":
         assert sections["connector"]["pull"]["round_trips_per_patient"] >= 1
         assert sections["connector"]["writeback"]["second_run"]["written"] == 0  # idempotent
+    population = sections["population"]
+    assert population["status"] == "ok"
+    (run,) = population["runs"]
+    assert run["patients"] == 20 and run["identical_output"] is True  # --workers 2 gives the bytes of one process
+    assert run["one"]["command_cpu_s"] > 0 and run["fair_ratio"] is not None
+    assert run["spark"]["status"] in ("ok", "not run", "error") and (run["spark"]["status"] == "ok" or run["spark"]["reason"])
+    server = population["server"]
+    assert server["status"] in ("ok", "pending")
+    if server["status"] == "ok":
+        for path in ("rest", "bulk"):
+            assert server[path]["patients"] >= 1 and server[path]["requests"] >= 1
+            assert server[path]["client_cpu_ms_per_patient"] > 0
+        assert server["identical_results"] is True  # REST and Bulk assess a patient the same way
     # the table the README shows is in the JSON and on stdout
     assert results["table"].startswith("| section")
     assert results["table"] in proc.stdout

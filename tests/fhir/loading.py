@@ -84,6 +84,15 @@ def to_put_transaction(bundle: dict) -> dict:
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
 
 
+def load_bundle(base_url: str, bundle: dict, session: requests.Session, what: str = "a Bundle") -> int:
+    """POST one Bundle as a PUT transaction; the number of resources loaded."""
+    tx = to_put_transaction(bundle)
+    resp = session.post(base_url, json=tx, headers={"Content-Type": "application/fhir+json"}, timeout=300)
+    if resp.status_code != 200:
+        raise RuntimeError(f"loading {what} failed: HTTP {resp.status_code}: {resp.text[:500]}")
+    return len(tx["entry"])
+
+
 def load_files(base_url: str, paths: Iterable[Path], session: requests.Session | None = None) -> int:
     """POST each file as a PUT transaction; the number of resources loaded."""
     session = session or requests.Session()
@@ -92,9 +101,5 @@ def load_files(base_url: str, paths: Iterable[Path], session: requests.Session |
         bundle = json.loads(Path(path).read_text())
         if bundle.get("resourceType") != "Bundle":
             bundle = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": bundle}]}
-        tx = to_put_transaction(bundle)
-        resp = session.post(base_url, json=tx, headers={"Content-Type": "application/fhir+json"}, timeout=120)
-        if resp.status_code != 200:
-            raise RuntimeError(f"loading {path} failed: HTTP {resp.status_code}: {resp.text[:500]}")
-        total += len(tx["entry"])
+        total += load_bundle(base_url, bundle, session, what=str(path))
     return total

@@ -279,3 +279,32 @@ def test_errors_name_no_patient_unless_asked():
         with pytest.raises(BadRequest) as info:
             http.send("GET", "Observation?patient=secret-patient-42", what="GET Observation search (patient)")
     assert "secret-patient-42" not in str(info.value)
+
+
+def test_environment_is_read_once_per_client_and_still_applies(monkeypatch, tmp_path):
+    """Proxies, the CA bundle and ~/.netrc from the environment are read when the client is made
+    (not on every request, as requests does) and sent with every request; a given session is left as it is."""
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("NO_PROXY", "other.example")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "ca.pem"))
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine fhir.test login user password secret\n")
+    monkeypatch.setenv("NETRC", str(netrc))
+    http, _ = make_http()
+    assert http.session.trust_env is False
+    sent: list[dict] = []
+
+    def capture(*args, **kwargs):
+        sent.append(kwargs)
+        raise requests.ConnectionError("captured")
+
+    monkeypatch.setattr(http.session, "request", capture)
+    with pytest.raises(TransportError):
+        http.send("GET", URL, idempotent=False)
+    (kwargs,) = sent
+    expected = requests.Session().merge_environment_settings(URL, {}, None, None, None)
+    assert kwargs["proxies"] == expected["proxies"] and kwargs["proxies"]["https"] == "http://proxy.example:3128"
+    assert kwargs["verify"] == str(tmp_path / "ca.pem") == expected["verify"]
+    assert kwargs["auth"] == requests.utils.get_netrc_auth(URL) == ("user", "secret")
+    given = requests.Session()
+    assert make_http(session=given)[0].session.trust_env is True  # the caller's session: untouched
