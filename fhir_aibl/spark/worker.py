@@ -67,7 +67,9 @@ def key(row: tuple[int, int, str, bytes]) -> tuple[int, int, str, bytes, KeyedLi
     file_index, lineno, name, line = row
     if not line or line.isspace():
         return None
-    return file_index, lineno, name, line, key_line(line, f"{name}:{lineno}")
+    # Spark's lines come without their newline; the file reader parses a line with it, and a
+    # parser's message ("unexpected end of data: line 2 column 1") names where it ended
+    return file_index, lineno, name, line, key_line(line + b"\n", f"{name}:{lineno}")
 
 
 _INDEXES: dict[str, Any] = {}
