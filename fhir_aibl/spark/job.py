@@ -32,7 +32,7 @@ import json
 import math
 import posixpath
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
