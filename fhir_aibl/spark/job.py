@@ -125,14 +125,13 @@ def _first_pass(keyed: Any) -> tuple[list, set[str], bool]:
     than one patient; and whether one of those is inside a Bundle."""
 
     def emit(row: tuple) -> list[tuple]:
-        k = row[4]
-        if k.kind == "resource" and k.key:
-            return [(k.key, (k.patient, False))]
-        seq = worker.seq_of(row[0], row[1])
-        if k.kind == "medication":
-            return [(_MEDICATION, (seq, [row[3]]))]
-        if k.kind == "bundle":
-            return [(key, (pid, True)) for key, pid in k.keys] + [(_MEDICATION, (seq, list(k.medications)))]
+        seq, _name, _line, raw, kind, patient, key, keyed = row
+        if kind == "resource":
+            return [(key, (patient, False))] if key else []
+        if kind == "medication":
+            return [(_MEDICATION, (seq, [raw]))]
+        if kind == "bundle":
+            return [(k, (pid, True)) for k, pid in keyed.keys] + [(_MEDICATION, (seq, list(keyed.medications)))]
         return []
 
     def merge(a: tuple, b: tuple) -> tuple:
@@ -196,8 +195,8 @@ def run(
         decisions: dict[int, int] = {}
         if cross:
             occurrences: dict[str, list[tuple[int, str, dict]]] = {}
-            for key, seq, pid, raw in keyed.filter(lambda r: r[4].kind == "resource" and r[4].key in cross).map(
-                lambda r: (r[4].key, worker.seq_of(r[0], r[1]), r[4].patient, r[3])
+            for key, seq, pid, raw in keyed.filter(lambda r: r[4] == "resource" and r[6] in cross).map(
+                lambda r: (r[6], r[0], r[5], r[3])
             ).collect():
                 occurrences.setdefault(key, []).append((seq, pid, json.loads(raw)))
             for occ in occurrences.values():
@@ -208,13 +207,14 @@ def run(
         n = partitions or max(sc.defaultParallelism * PARTITIONS_PER_CORE, math.ceil(total / BYTES_PER_PARTITION), 1)
 
         def by_patient(r: tuple) -> list[tuple[tuple[str, int], tuple]]:
-            k = r[4]
-            seq = worker.seq_of(r[0], r[1])
-            if k.kind == "resource":
-                return [((k.patient, seq), (r[2], r[1], r[3]))]
-            out = [((worker.READING, seq), worker.problem_row(p)) for p in k.problems]
-            if k.kind == "bundle":  # the whole Bundle goes to each of its patients: its urn: references need it whole
-                out += [((pid, seq), (r[2], r[1], r[3])) for pid in k.patients]
+            seq, name, lineno, raw, kind, patient, _key, keyed = r
+            if kind == "resource":
+                return [((patient, seq), (name, lineno, raw))]
+            if keyed is None:  # a Medication: in the broadcast
+                return []
+            out = [((worker.READING, seq), worker.problem_row(p)) for p in keyed.problems]
+            if kind == "bundle":  # the whole Bundle goes to each of its patients: its urn: references need it whole
+                out += [((pid, seq), (name, lineno, raw)) for pid in keyed.patients]
             return out
 
         counts = {name: sc.accumulator(0) for name in ("assessed", "careplans", "worklist", "errors", "warnings")}

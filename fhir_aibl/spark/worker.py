@@ -20,7 +20,7 @@ from typing import Any
 from ..errors import AiblError
 from ..outcome import PatientOutcome, assess_patient, assessor_for
 from ..report.worklist import row_of
-from ..sources import DROP, KeyedLine, key_line, medication_index
+from ..sources import DROP, key_line, medication_index
 
 #: Row kinds of the outcome RDD (the first field of each row); each is written to its own folder.
 ASSESSMENT, CAREPLAN, RISK, PROBLEM, WORKLIST = "assessment", "CarePlan", "RiskAssessment", "problem", "worklist"
@@ -62,14 +62,23 @@ def problem_row(problem: AiblError | str, *, patient: str | None = None) -> tupl
     return PROBLEM, json.dumps(data, ensure_ascii=False)
 
 
-def key(row: tuple[int, int, str, bytes]) -> tuple[int, int, str, bytes, KeyedLine] | None:
-    """(file index, line number, file name, line) -> the same with what the line is; blank lines dropped."""
+def key(row: tuple[int, int, str, bytes]) -> tuple | None:
+    """(file index, line number, file name, line) -> (read order, file name, line number, line, kind,
+    patient id, `Type/id`, the `KeyedLine` of a "bundle" or "problem" line, else None).
+
+    A flat tuple, because every row is pickled between the JVM and the Python workers; a blank
+    line, or a line of a type no rule reads, is dropped here (the file reader skips them too).
+    """
     file_index, lineno, name, line = row
     if not line or line.isspace():
         return None
     # Spark's lines come without their newline; the file reader parses a line with it, and a
     # parser's message ("unexpected end of data: line 2 column 1") names where it ended
-    return file_index, lineno, name, line, key_line(line + b"\n", f"{name}:{lineno}")
+    keyed = key_line(line + b"\n", f"{name}:{lineno}")
+    if keyed.kind == "skipped":
+        return None
+    extra = keyed if keyed.kind in ("bundle", "problem") else None
+    return seq_of(file_index, lineno), name, lineno, line, keyed.kind, keyed.patient, keyed.key, extra
 
 
 _INDEXES: dict[str, Any] = {}
