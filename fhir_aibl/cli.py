@@ -117,8 +117,9 @@ def _parser() -> argparse.ArgumentParser:
         "fhir: a transaction Bundle of CarePlans and RiskAssessments; html: the bone-health view, one page per "
         "patient plus index.html in --out (default: table)",
     )
-    assess.add_argument("--out", type=Path, default=None, metavar="DIR",
-                        help="with --format html: the folder for one page per patient and index.html (no default: required)")
+    assess.add_argument("--out", default=None, metavar="DIR",
+                        help="with --format html: the folder for one page per patient and index.html; with --engine spark: "
+                        "the folder for every output, any path Spark writes (no default: required)")
     assess.add_argument("--rules", type=Path, default=None, metavar="DIR-or-FILE", help=RULES_HELP)
     assess.add_argument(
         "--mode", default="default",
@@ -135,6 +136,21 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="worker processes (default: one per core for inputs of 8 MB or more, else 1); same output for any N",
+    )
+    assess.add_argument(
+        "--engine",
+        choices=("local", "spark"),
+        default="local",
+        help="local: this machine (worker processes, --workers); spark: an Apache Spark cluster, PATHs any Spark reads "
+        "(s3a://, abfss://, dbfs:/, hdfs://), every output written into --out (needs fhir-aibl[spark]; docs/spark.md) "
+        "(default: local)",
+    )
+    assess.add_argument(
+        "--spark-master",
+        default=None,
+        metavar="URL",
+        help="with --engine spark: the Spark master, e.g. local[2] or spark://host:7077 (default: the one spark-submit "
+        "gives, else local[*])",
     )
 
     rules = _sub(sub, "rules", "review the ruleset as a whole",
@@ -305,6 +321,13 @@ def _assess_command(args: argparse.Namespace) -> int:
 
 
 def _assess(args: argparse.Namespace) -> int:
+    if args.engine == "spark":
+        from .spark.command import run_command
+
+        return run_command(args)
+    if args.spark_master is not None:
+        _err("error: --spark-master is for --engine spark")
+        return 2
     as_of = args.as_of or dt.date.today()
     written = PopulationOutputs(args.worklist, args.report)
     if (problem := written.problem()) is not None:
@@ -364,7 +387,7 @@ def _assess_html(
         _err("error: --format html needs --out DIR (the folder for the pages)")
         return 2
     problems: list[AiblError] = []
-    pages = write_site(assessor, records, as_of, args.out, problems, on_assessment=written.add if written.wanted else None)
+    pages = write_site(assessor, records, as_of, Path(args.out), problems, on_assessment=written.add if written.wanted else None)
     for problem in problems:
         _err(f"error: {problem}")
     print(f"{len(pages) - 1} patient pages and {pages[-1]} written; {len(problems)} rejected; as of {as_of}")

@@ -167,6 +167,17 @@ class MedicationIndex:
             self._seen.discard(hash(key))
         return True
 
+    def copy(self) -> "MedicationIndex":
+        """An index holding what this one holds, that can grow without changing this one."""
+        other = MedicationIndex(self._keep)
+        other._held = dict(self._held)
+        other._seen = set(self._seen)
+        return other
+
+    def held(self) -> list[dict]:
+        """The resources held in full, as indexed (ids from fullUrls, ingredient references resolved)."""
+        return list(self._held.values())
+
     def add_all(self, resources: Iterable[Any]) -> None:
         for resource in resources:
             self.add(resource)

@@ -163,7 +163,20 @@ from .terminology import Terminology, default_terminology
 from .validation import ValidationMemo, needs_validation, salvage, salvaged_note
 
 __all__ = [
-    "RELEVANT_TYPES", "SPOOL_LIMIT", "PatientRecord", "ReadResult", "is_newer", "iter_records", "patient_id", "read_paths",
+    "DROP",
+    "RELEVANT_TYPES",
+    "SPOOL_LIMIT",
+    "KeyedLine",
+    "PatientRecord",
+    "ReadResult",
+    "decide_duplicates",
+    "is_newer",
+    "iter_records",
+    "key_line",
+    "medication_index",
+    "patient_id",
+    "patient_records",
+    "read_paths",
 ]
 
 #: The resource types the facts and rules read; everything else is skipped unread.
@@ -628,17 +641,7 @@ class _Spool:
                     occurrences.setdefault((resource["resourceType"], resource["id"]), []).append((entry[1], entry[0], resource))
         decisions: dict[int, int] = {}
         for occ in occurrences.values():
-            occ.sort(key=lambda o: o[0])
-            seq, pid, res = occ[0]
-            pos = seq
-            for nseq, npid, nres in occ[1:]:
-                if not _is_newer(nres, res):
-                    continue
-                if npid != pid:
-                    pos = nseq
-                seq, pid, res = nseq, npid, nres
-            for oseq, _pid, _res in occ:
-                decisions[oseq] = pos if oseq == seq else _DROP
+            decisions.update(decide_duplicates(occ))
         return decisions
 
     # -- second pass -----------------------------------------------------------------------
@@ -875,3 +878,204 @@ def _loc(loc: tuple) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------- engines that group by patient themselves
+#
+# An engine that shuffles lines by patient itself (Apache Spark: fhir_aibl/spark) still reads
+# with the reader's own code, so that its records cannot drift from `iter_records`':
+# `key_line` is the first pass for one NDJSON line (which patient, or a Medication, or why
+# not); `decide_duplicates` is the global decision for a `Type/id` filed under two patients;
+# `medication_index` holds the Medications the first pass would hold; `patient_records` is the
+# second pass (grouping, de-duplication "newest wins", medication references resolved,
+# validation of what the rules read) over one patient's resources held in memory.
+
+#: What `decide_duplicates` says of an occurrence that is not kept.
+DROP = _DROP
+
+
+@dataclass(frozen=True)
+class KeyedLine:
+    """What the first pass makes of one NDJSON line (`key_line`)."""
+
+    #: "resource" (of `patient`), "medication" (names no patient), "bundle" (a whole Bundle on the
+    #: line: its entries' `patients`, `keys` and `medications`), "skipped" (a type no rule reads), "problem"
+    kind: str
+    patient: str | None = None  #: the patient id of a "resource"
+    key: str | None = None  #: `Type/id` of a "resource" or "medication" with an id
+    problems: tuple[InputError, ...] = ()  #: why the line, or entries of its Bundle, are not used
+    patients: tuple[str, ...] = ()  #: a "bundle": the patient ids of its entries, sorted
+    keys: tuple[tuple[str, str], ...] = ()  #: a "bundle": (`Type/id`, patient id) of its entries with an id
+    medications: tuple[dict, ...] = ()  #: a "bundle": its Medications and Substances, as the reader indexes them
+
+
+def key_line(line: bytes | str, where: str) -> KeyedLine:
+    """One NDJSON line as the reader's first pass sees it; `where` names it (`file:line`) in problems.
+
+    The same parser (`jsoninput`: not JSON, too deep, a duplicate key), the same relevant types
+    and the same patient reference rules as `iter_records`. A Bundle on one line is read as the
+    reader reads it (urn: references through its fullUrls) to say which patients it holds.
+    """
+    if isinstance(line, str):
+        line = line.encode("utf-8", "surrogatepass")
+    if line.startswith(_BOM):
+        line = line[3:]
+    try:
+        obj = loads_isolating(line)
+    except JsonInputError as exc:
+        return KeyedLine("problem", problems=(_json_problem(exc, where, _line_number(where)),))
+    if not isinstance(obj, dict) or not isinstance(obj.get("resourceType"), str):
+        kind = "a JSON object" if isinstance(obj, dict) else f"JSON {type(obj).__name__}"
+        return KeyedLine("problem", problems=(NotFhirError(f"not a FHIR resource or Bundle: {kind} without a resourceType", source=where),))
+    rtype = obj["resourceType"]
+    rid = obj.get("id")
+    key = f"{rtype}/{rid}" if isinstance(rid, str) and rid else None
+    if rtype == "Bundle":
+        return _key_bundle(obj, where)
+    if rtype in MEDICATION_TYPES:
+        return KeyedLine("medication", key=key)
+    if rtype not in RELEVANT_TYPES:
+        return KeyedLine("skipped")
+    pid, why = _patient_id(obj, None)
+    if pid is None:
+        problem = NoUsableDataError(f"no patient reference ({why})", source=where, resource=_label(obj, None))
+        return KeyedLine("problem", problems=(problem,))
+    return KeyedLine("resource", patient=pid, key=key)
+
+
+def _key_bundle(bundle: dict, where: str) -> KeyedLine:
+    spool = _Spool(1 << 62)
+    spool.medications = MedicationIndex()  # every one held: the whole input's index decides which it keeps
+    try:
+        problems = tuple(_read_bundle(bundle, where, where.rsplit(":", 1)[0], "", spool))
+        patients: set[str] = set()
+        keys: list[tuple[str, str]] = []
+        for record in spool.records(validate=None):
+            if isinstance(record, PatientRecord):
+                pid = record.patient_ref[8:]
+                patients.add(pid)
+                keys += [(_label(r, None), pid) for r in record.resources if isinstance(r.get("id"), str) and r["id"]]
+        return KeyedLine("bundle", problems=problems, patients=tuple(sorted(patients)), keys=tuple(keys),
+                         medications=tuple(spool.medications.held()))
+    finally:
+        spool.close()
+
+
+def _line_number(where: str) -> int | None:
+    tail = where.rsplit(":", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+def decide_duplicates(occurrences: Iterable[tuple[int, str, dict]]) -> dict[int, int]:
+    """The reader's decision for one `Type/id` seen several times: (read order, patient id, resource) of
+    each occurrence -> {read order: the position it is kept at, or `DROP`}.
+
+    Replays the reader: the first occurrence is kept; a newer one (higher `meta.versionId`, else
+    later `meta.lastUpdated`) replaces it in place within the same patient, or moves to its own
+    patient at its own position; an older or equal one is ignored. Exactly one is kept.
+    """
+    occ = sorted(occurrences, key=lambda o: o[0])
+    seq, pid, res = occ[0]
+    pos = seq
+    for nseq, npid, nres in occ[1:]:
+        if not _is_newer(nres, res):
+            continue
+        if npid != pid:
+            pos = nseq
+        seq, pid, res = nseq, npid, nres
+    return {oseq: pos if oseq == seq else _DROP for oseq, _pid, _res in occ}
+
+
+def medication_index(medications: Iterable[dict | bytes | str], terminology: Terminology | None = None) -> MedicationIndex:
+    """The Medications and Substances the reader's first pass would hold, given in read order
+    (parsed, or NDJSON lines; anything else is ignored, as the reader ignores it here)."""
+    index = MedicationIndex(keep=_medication_keep(terminology or default_terminology()))
+    for item in medications:
+        if isinstance(item, (bytes, str)):
+            try:
+                item = loads_isolating(item)
+            except JsonInputError:
+                continue  # reported where the line is read
+        index.add(item)
+    return index
+
+
+#: One resource for `patient_records`: parsed, an NDJSON line, or (file, line number, either) to name it in problems.
+RecordItem = dict | bytes | str | tuple[str, int, dict | bytes | str]
+
+
+def patient_records(
+    items: Iterable[RecordItem],
+    medications: MedicationIndex | Iterable[dict | bytes | str] = (),
+    *,
+    validate: bool = True,
+    terminology: Terminology | None = None,
+    source: str = "input",
+    patient: str | None = None,
+) -> Iterator[PatientRecord | InputError]:
+    """Records of resources held in memory, in read order: the reader's own second pass.
+
+    Everything `iter_records` does with what it read is done here by the same code: grouping
+    by patient, one `Type/id` kept ("newest wins"), a `medicationReference` resolved against
+    `medications` (a `medication_index`, or the Medications themselves in read order), the
+    resources the rules read validated with `terminology`'s value sets. Problems come first
+    for each record, then the record; records are sorted by patient. An item that names
+    several patients gives several records; a Bundle item is read as the reader reads one.
+
+    A `(file, line, value)` item is named `file:line` in problems, as an NDJSON line is;
+    other items are named `<source>:<n>`, their place in `items`. `medications`, when it is an
+    index, is only read: a Bundle item's own Medications go into a copy.
+
+    `patient` (an id): only that patient's record, with its problems; the reading problems of
+    a Bundle item are left out (they concern the whole Bundle, and `key_line` reports them).
+    """
+    terminology = terminology or default_terminology()
+    spool = _Spool(1 << 62, terminology)
+    if isinstance(medications, MedicationIndex):
+        spool.medications = medications
+        shared = True
+    else:
+        spool.medications = medication_index(medications, terminology)
+        shared = False
+    problems: list[InputError] = []
+    try:
+        for n, item in enumerate(items, 1):
+            if isinstance(item, tuple):
+                file, lineno, value = item
+                where = f"{file}:{lineno}"
+            else:
+                file, lineno, value, where = source, n, item, f"{source}:{n}"
+            if isinstance(value, (bytes, str)):
+                raw = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value
+                try:
+                    value = loads_isolating(raw[3:] if raw.startswith(_BOM) else raw)
+                except JsonInputError as exc:
+                    problems.append(_json_problem(exc, where, lineno))
+                    continue
+            if shared and isinstance(value, dict) and value.get("resourceType") in ("Bundle", *MEDICATION_TYPES):
+                spool.medications, shared = spool.medications.copy(), False  # the caller's index is only read
+            if isinstance(value, dict) and value.get("resourceType") == "Bundle":
+                found = list(_read_bundle(value, where, file, "", spool))
+                if patient is None:
+                    problems.extend(found)
+                continue
+            problem = _index_resource(value, where, file, spool)
+            if problem is not None:
+                problems.append(problem)
+        yield from problems
+        outcomes = spool.records(validate=_validation_filter(terminology) if validate else None)
+        if patient is None:
+            yield from outcomes
+            return
+        held: list[PatientRecord | InputError] = []
+        for outcome in outcomes:  # problems come just before their record
+            if isinstance(outcome, PatientRecord):
+                if outcome.patient_ref == f"Patient/{patient}":
+                    yield from held
+                    yield outcome
+                held = []
+            else:
+                held.append(outcome)
+        yield from held  # problems after the last record: a line that changed (none for items in memory)
+    finally:
+        spool.close()
