@@ -174,6 +174,22 @@ class MedicationIndex:
         other._seen = set(self._seen)
         return other
 
+    def parts(self) -> tuple[dict, set]:
+        """What this index holds, to be pickled (without the `keep` test) and merged elsewhere (`merge`)."""
+        return self._held, self._seen
+
+    def merge(self, held: Mapping[tuple[str, str], dict], seen: Iterable[int]) -> None:
+        """Add another index's `parts`, read after everything this one holds, with the decision `add`
+        makes (the higher version, else the first read): the worker processes of one run index their
+        pieces of the input apart, and every patient's record must resolve against all of them."""
+        for key, resource in held.items():
+            old = self._held.get(key)
+            if old is None or _version(resource) > _version(old):
+                self._held[key] = resource
+                self._seen.discard(hash(key))
+        held_hashes = {hash(key) for key in self._held}
+        self._seen.update(h for h in seen if h not in held_hashes)
+
     def held(self) -> list[dict]:
         """The resources held in full, as indexed (ids from fullUrls, ingredient references resolved)."""
         return list(self._held.values())

@@ -8,7 +8,9 @@ other lines so that every process has a share of each:
    (`piece.index << 32` + the order within the piece), and writes them out sorted, split
    into partitions by patient (a CRC-32 of the patient id, the same in every process), plus
    the (resource key, patient) hashes the reader uses to find a resource filed under two
-   patients. It returns the reading problems of the piece, in the order met.
+   patients, and the Medications the piece holds (they name no patient; every partition
+   resolves references against those of every piece, merged in read order). It returns the
+   reading problems of the piece, in the order met.
 2. `cross_patient` (between the passes): whether any resource key appears under two
    patients. Rare; the runner then falls back to one process (see pool.py).
 3. `assess_partition` (the second pass, one partition at a time): merges the partition's
@@ -121,6 +123,11 @@ def key_paths(tmp: str, piece: int, kpart: int) -> tuple[Path, Path]:
     return base / f"keys-{kpart:03d}", base / f"pids-{kpart:03d}"
 
 
+def medications_path(tmp: str, piece: int) -> Path:
+    """The Medications and Substances one piece indexed (pickled `MedicationIndex.parts`)."""
+    return Path(tmp) / f"piece-{piece:05d}" / "medications.pkl"
+
+
 class _RunSpool(sources._Spool):
     """The reader's index, with the run's file numbering; its cross-patient search is done for the whole run."""
 
@@ -169,6 +176,9 @@ def index_piece(piece: Piece) -> PieceIndex:
         else:
             problems.extend(sources._read_file(piece.path, spool))
         count = _write_partitions(spool, piece.index, config)
+        if len(spool.medications):  # Medications name no patient: every partition needs every piece's
+            with medications_path(config.tmp, piece.index).open("wb") as fh:
+                pickle.dump(spool.medications.parts(), fh, protocol=pickle.HIGHEST_PROTOCOL)
     finally:
         spool.close()
     return PieceIndex(problems=problems, probe=hash(PROBE), entries=count)
@@ -240,6 +250,13 @@ def assess_partition(part: int, pieces: int, out: str, after: str | None = None,
     assessor = _assessor()
     validate = sources._validation_filter(assessor.terminology)
     spool = _RunSpool(config)
+    # the Medications of every piece, in read order: a Bulk export keeps them in a file of their own,
+    # which another process indexed; without them a drug given by reference would read as unresolved
+    for i in range(pieces):
+        path = medications_path(config.tmp, i)
+        if path.exists():
+            with path.open("rb") as fh:
+                spool.medications.merge(*pickle.load(fh))
     spool.runs = [p for p in (run_path(config.tmp, i, part) for i in range(pieces)) if p.exists()]
     if spool.runs:
         spool.tmp = Path(out + ".merge")

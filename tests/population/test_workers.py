@@ -65,6 +65,22 @@ def test_worked_examples_same_bytes_as_one_process(capsys, fmt):
     assert two == one
 
 
+def test_medications_in_a_file_of_their_own_resolve_in_every_worker(capsys, tmp_path, small_pieces):
+    """A Bulk export keeps Medications in Medication.ndjson, indexed by one process; every worker must
+    see them. Before: each worker assessed with an empty medication index, so a patient whose
+    aromatase inhibitor was given by reference read as on none (not applicable: hidden)."""
+    from ..spark.populations import by_reference, fixture_resources, write_ndjson
+
+    write_ndjson(by_reference(fixture_resources()), tmp_path / "export")
+    one = run(capsys, ["assess", str(tmp_path / "export"), "--as-of", AS_OF, "--format", "json", "--workers", "1"])
+    two = run(capsys, ["assess", str(tmp_path / "export"), "--as-of", AS_OF, "--format", "json", "--workers", "2"])
+    assert two == one
+    expected = json.loads((FIXTURES_DIR.parent / "expected.json").read_text())
+    got = {a["patient"].split("/")[1].upper(): a["ai_status"] for a in json.loads(one[1])}
+    on_one = [name for name, e in expected.items() if isinstance(e, dict) and e.get("ai_status") in ("active", "planned")]
+    assert on_one and all(got.get(name) == expected[name]["ai_status"] for name in on_one)
+
+
 @pytest.mark.parametrize("extra", [["--format", "json"], ["--format", "json", "--explain"], ["--format", "table"], ["--format", "fhir"]])
 def test_population_same_bytes_as_one_process(capsys, population, small_pieces, extra):
     one = run(capsys, ["assess", str(population), "--as-of", AS_OF, "--workers", "1", *extra])

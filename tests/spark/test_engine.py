@@ -78,22 +78,13 @@ def medications_by_reference(spark, tmp_path_factory) -> Run:
     return Run(folder, tmp_path_factory.mktemp("out") / "spark")
 
 
-#: `assess --workers 2` does not resolve a medicationReference to a Medication in another file:
-#: each worker process assesses with an empty medication index (fhir_aibl/population/shards.py,
-#: `assess_partition`), so patients on an aromatase inhibitor by reference read as not on one.
-#: One worker and the Spark engine resolve them; the day the worker processes do, this passes.
-POOL_LOSES_REFERENCES = pytest.mark.xfail(
-    strict=True, reason="assess --workers 2 leaves medications by reference to another file unresolved"
-)
-
-
 @pytest.mark.parametrize(
     "name, workers",
     [
         ("population", "1"),
         ("population", "2"),
         ("medications_by_reference", "1"),
-        pytest.param("medications_by_reference", "2", marks=POOL_LOSES_REFERENCES),
+        ("medications_by_reference", "2"),
     ],
 )
 def test_every_assessment_is_the_local_engines(request, name, workers):
