@@ -260,7 +260,8 @@ def _json_of(cmd: list[str], timeout: float) -> dict:
 
 
 def _spark(directory: Path, reference: Path, tmp: Path) -> dict:
-    """`fhir-aibl assess DIR --engine spark` (local[2]) when pyspark is importable, else why it did not run."""
+    """`fhir-aibl assess DIR --engine spark --spark-master local[2]` when pyspark is importable, else why it
+    did not run; its assessments (one JSON line a patient, docs/spark.md) compared with one process's."""
     import importlib.util
 
     if importlib.util.find_spec("pyspark") is None:
@@ -268,13 +269,16 @@ def _spark(directory: Path, reference: Path, tmp: Path) -> dict:
     import population as population_bench  # bench/population.py
 
     exe = str(Path(sys.executable).parent / "fhir-aibl")
-    out = tmp / "spark.json"
-    got = population_bench.measure([exe, "assess", str(directory), "--engine", "spark", "--as-of", "2026-06-01",
-                                    "--format", "json"], out)
-    text = out.read_bytes()
-    if not text.strip():
-        return {"status": "error", "reason": "fhir-aibl assess --engine spark wrote nothing on stdout", **got}
-    got["identical_output"] = text == reference.read_bytes()
+    out = tmp / "spark"
+    got = population_bench.measure([exe, "assess", str(directory), "--engine", "spark", "--spark-master", "local[2]",
+                                    "--as-of", "2026-06-01", "--out", str(out)], tmp / "spark.log")
+    lines = [json.loads(line) for part in sorted((out / "assessments").glob("part-*"))
+             for line in part.read_text().splitlines() if line.strip()]
+    if not lines:
+        return {"status": "error", "reason": "fhir-aibl assess --engine spark wrote no assessments", **got}
+    one = json.loads(reference.read_text())
+    got["patients"] = len(lines)
+    got["identical_output"] = len(lines) == len(one) and {a["patient"]: a for a in lines} == {a["patient"]: a for a in one}
     got["status"] = "ok"
     return got
 
