@@ -5,9 +5,9 @@
   in for the other when the preferred one is missing, CLINICAL.md G24), nor does an unknown age (G29);
 - dropping the Patient, or replacing it by an invalid one, never lowers the category and never
   gives `low` (issue 10 item 2: the record is assessed with age and sex unknown);
-- a DXA result without a usable value from the scan whose score was selected, or a later one,
-  never leaves the category `low` (its value could be lower); one from an older scan changes
-  nothing;
+- a DXA result without a usable value from the scan whose score was selected, or a later one
+  (or a report or procedure of a later scan), never leaves the category `low` (its value could
+  be lower); one from an older scan changes nothing;
 - no start of an antiresorptive for a patient already on one, and never without `ci-check`
   and `ca-vitd`;
 - the same facts always give the same assessment;
@@ -255,12 +255,13 @@ def test_eight_threads_same_results_as_one(assessor):
 
 
 valueless_dxa = st.builds(
-    lambda age, i: {
-        "t": "dxa_record", "state": "done", "source": "observation",
+    lambda age, source, i: {
+        "t": "dxa_record", "state": "done", "source": source,
         "date": (AS_OF - dt.timedelta(days=round(age * 30.44))).isoformat(), "age_months": age,
         "refs": [f"Observation/no-value-{i}"],
     },
     st.sampled_from([0.5, 3.0, 12.0, 23.9, 24.0]),
+    st.sampled_from(["observation", "observation", "report", "procedure"]),
     st.integers(0, 3),
 )
 
@@ -289,12 +290,14 @@ def test_a_dxa_result_without_a_value_since_the_graded_scan_never_gives_low(asse
     without = _assess(assessor, facts)
     a = _assess(assessor, [*facts, *records])
     graded = _graded_ages(without, facts)
-    if any(r["age_months"] <= g for r in records for g in graded):
+    # a value-less result of the graded scan or a later one; a report or procedure of a later scan
+    # (on the day of the graded scan a report or procedure is that scan, whose scores were read)
+    if any(r["age_months"] <= g if r["source"] == "observation" else r["age_months"] < g for r in records for g in graded):
         assert a.category != "low", "low while a result of the graded scan (or a later one) has no value"
         if without.category == "low":
             assert a.category == "indeterminate" or (a.category == "moderate" and "bmd_change" in {f["t"] for f in facts})
         if a.category == "indeterminate":
             assert "dxa-obtain-result" in a.recommendations and "dxa-result-incomplete" in a.flags
     else:
-        assert a.category == without.category, "a value-less DXA result older than the graded scan changed the category"
+        assert a.category == without.category, "an older value-less DXA result, or the graded scan's report, changed the category"
         assert "dxa-result-incomplete" not in a.flags

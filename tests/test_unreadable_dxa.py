@@ -4,8 +4,9 @@ Worked example V13 without its hip fracture is low on the total hip's T-score -0
 lumbar spine result of the same scan (-0.5, the lowest site) is unreadable (a value that fails
 validation is read without it) or recorded without a value, its true value could be lower:
 the category is indeterminate, the result is obtained (the scan exists) and the flag says why.
-A value-less DXA result older than the scan that graded the category changes nothing, and
-neither does one beside a scan that already shows osteoporosis (high stays high).
+A value-less DXA result older than the scan that graded the category changes nothing, nor does
+the report of the graded scan itself, nor one beside a scan that already shows osteoporosis (high
+stays high); the report of a later scan without its scores keeps the category from low.
 The CDS card of the same record: tests/cds/test_unreadable_dxa.py.
 """
 
@@ -51,6 +52,18 @@ def add_valueless_copy(bundle: dict, of: str, rid: str, date: str) -> dict:
     res.pop("valueQuantity", None)
     entry = next(e for e in bundle["entry"] if e["resource"].get("id") == of)
     bundle["entry"].append({**copy.deepcopy(entry), "resource": res, "fullUrl": entry.get("fullUrl", "").replace(of, rid)})
+    return bundle
+
+
+def add_report(bundle: dict, date: str) -> dict:
+    """A DXA DiagnosticReport (the FHIR R4 example's code) without results, on `date`."""
+    subject = resource(bundle, "v13-dxa-ls")["subject"]
+    report = {
+        "resourceType": "DiagnosticReport", "id": f"v13-dxa-report-{date}", "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "38269-7"}], "text": "DXA BONE DENSITOMETRY"},
+        "subject": subject, "effectiveDateTime": date,
+    }
+    bundle["entry"].append({"fullUrl": f"urn:uuid:report-{date}", "resource": report})
     return bundle
 
 
@@ -116,3 +129,17 @@ def test_with_age_unknown_too_the_result_is_obtained_not_a_12_month_interval(tmp
     assert got["category"] == "indeterminate"
     assert "dxa-obtain-result" in got["recommendations"] and "dxa-12m" not in got["recommendations"]
     assert {"dxa-result-incomplete", "age-unknown"} <= set(got["flags"])
+
+
+def test_the_report_of_the_graded_scan_changes_nothing(tmp_path, capsys):
+    """On the day of the graded scan a report is that scan, whose scores were read."""
+    code, got = assess_file(tmp_path, capsys, add_report(v13_without_fracture(), "2026-02-15"))
+    assert code == 0
+    assert got["category"] == "low" and "dxa-24m" in got["recommendations"]
+    assert "dxa-result-incomplete" not in got["flags"]
+
+
+def test_the_report_of_a_later_scan_without_its_scores_keeps_it_from_low(tmp_path, capsys):
+    _code, got = assess_file(tmp_path, capsys, add_report(v13_without_fracture(), "2026-04-20"))
+    assert got["category"] == "indeterminate"
+    assert "dxa-obtain-result" in got["recommendations"] and "dxa-result-incomplete" in got["flags"]
