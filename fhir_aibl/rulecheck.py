@@ -11,6 +11,9 @@ under `checks:` plus these, which no rule file can switch off:
 - no two recommendations of an `exclusive` group together (two drugs, two DXA intervals:
   rules in conflict), every `requires` satisfied (a start never without `ci-check`);
 - missing, stale or BMD-only DXA never gives `low`, and neither does an unknown age (G29);
+- never `low` while a DXA result without a usable value is on record from the scan the
+  category was graded on or a later one, or a report or procedure of a later scan: its value
+  could be lower (section 0 safety invariant);
 - never a Z-score for a woman on an aromatase inhibitor without ovarian suppression (G24);
 - `ca-vitd` whenever an antiresorptive is recommended (started, switched, or the bisphosphonate
   that follows denosumab) or continues, with or without the aromatase inhibitor (G26);
@@ -143,6 +146,12 @@ VARIANTS = {
         ("dxa_record", {"state": "done", "source": "report", "date": "2026-02-01", "age_months": 4.0}),
         ("dxa_record", {"state": "declined", "source": "procedure", "date": "2025-06-01", "age_months": 12.0}),
     ],
+    # a DXA result without a value from the graded scan (3 months ago), and from an older scan
+    "dxa-no-value-same-scan": [("dxa_record", {"state": "done", "source": "observation", "date": "2026-03-01", "age_months": 3.0})],
+    "dxa-no-value-older-scan": [("dxa_record", {"state": "done", "source": "observation", "date": "2025-12-01", "age_months": 6.0})],
+    # a DXA report on the day of the graded scan (that scan itself), and one of a later scan
+    "dxa-report-same-scan": [("dxa_record", {"state": "done", "source": "report", "date": "2026-03-01", "age_months": 3.0})],
+    "dxa-report-later-scan": [("dxa_record", {"state": "done", "source": "report", "date": "2026-05-01", "age_months": 1.0})],
     "oral-bp-rapid-loss": [
         ("antiresorptive", {"ingredient": "alendronate", "class": "bisphosphonate", "route": "oral", "status": "active", "ended": False}),
         ("bmd_change", {"site": "LS", "days": 365, "pct_per_year": -6.0, "abs_change": -0.06, "latest_age_months": 3.0}),
@@ -239,6 +248,21 @@ class CheckReport:
         return not self.failures and not self.never_fired
 
 
+def unread_since_graded(case: Case, derivation) -> bool:
+    """A DXA result without a value from the scan whose score was selected or a later one, or a later DXA without results."""
+    selected = {(d.fact.get("score"), d.fact.get("site"), d.fact.get("value")) for t in ("bmd_t", "bmd_z") for d in derivation.of_type(t)}
+    graded = [
+        f["age_months"] for f in case.facts
+        if f["t"] == "dxa" and (f.get("measure"), f.get("site"), f.get("value")) in selected and f.get("age_months") is not None
+    ]
+    records = [f for f in case.facts if f["t"] == "dxa_record" and f.get("state") == "done" and f.get("age_months") is not None]
+    # a value-less result of the same scan or a later one; a report or procedure of a later scan
+    return any(
+        r["age_months"] <= g if r.get("source") == "observation" else r["age_months"] < g
+        for r in records for g in graded
+    )
+
+
 def synthetic_facts(items) -> list[dict]:
     """Base facts from (type, fields) pairs, each with a synthetic reference."""
     out = []
@@ -325,6 +349,8 @@ def check(assessor: Assessor, *, max_failures: int = 20) -> CheckReport:
         person = case.patient
         if a.category == "low" and "age" not in person:
             fail(case, "low with age unknown")
+        if a.category == "low" and unread_since_graded(case, derivation):
+            fail(case, "low while a DXA result without a value is on record from the graded scan or a later one")
         ofs = bool(derivation.of_type("ofs"))
         if person.get("sex") == "female" and a.ai_status in ("active", "planned") and not ofs:
             if derivation.of_type("bmd_z"):

@@ -5,6 +5,9 @@
   in for the other when the preferred one is missing, CLINICAL.md G24), nor does an unknown age (G29);
 - dropping the Patient, or replacing it by an invalid one, never lowers the category and never
   gives `low` (issue 10 item 2: the record is assessed with age and sex unknown);
+- a DXA result without a usable value from the scan whose score was selected, or a later one
+  (or a report or procedure of a later scan), never leaves the category `low` (its value could
+  be lower); one from an older scan changes nothing;
 - no start of an antiresorptive for a patient already on one, and never without `ci-check`
   and `ca-vitd`;
 - the same facts always give the same assessment;
@@ -249,3 +252,52 @@ def test_eight_threads_same_results_as_one(assessor):
         for a, facts in zip(mine, cases[k::8]):
             refs = {r for f in facts for r in f["refs"]}
             assert set(a.evidence) <= refs, "evidence from another patient"
+
+
+valueless_dxa = st.builds(
+    lambda age, source, i: {
+        "t": "dxa_record", "state": "done", "source": source,
+        "date": (AS_OF - dt.timedelta(days=round(age * 30.44))).isoformat(), "age_months": age,
+        "refs": [f"Observation/no-value-{i}"],
+    },
+    st.sampled_from([0.5, 3.0, 12.0, 23.9, 24.0]),
+    st.sampled_from(["observation", "observation", "report", "procedure"]),
+    st.integers(0, 3),
+)
+
+
+def _graded_ages(a, facts) -> list[float]:
+    """Ages of the current DXA results with the selected score, site and value."""
+    chosen = {(s.score, s.site, s.value) for s in a.selected_t}
+    return [
+        f["age_months"] for f in facts
+        if f["t"] == "dxa" and (f["measure"], f["site"], f["value"]) in chosen and f.get("age_months", 99) <= 24
+    ]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(fact_sets, st.lists(valueless_dxa, min_size=1, max_size=2))
+# V13 without its fracture: the lumbar spine result of the scan read without its value
+@example(
+    [
+        {"t": "patient", "sex": "female", "age": 62, "refs": ["Patient/p"]},
+        {"t": "ai_med", "ingredient": "anastrozole", "status": "active", "ended": False, "future_start": False, "refs": ["MedicationStatement/0"]},
+        {"t": "dxa", "measure": "T", "site": "TH", "value": -0.1, "age_months": 3.5, "refs": ["Observation/1"]},
+    ],
+    [{"t": "dxa_record", "state": "done", "source": "observation", "date": "2026-02-15", "age_months": 3.5, "refs": ["Observation/2"]}],
+)
+def test_a_dxa_result_without_a_value_since_the_graded_scan_never_gives_low(assessor, facts, records):
+    without = _assess(assessor, facts)
+    a = _assess(assessor, [*facts, *records])
+    graded = _graded_ages(without, facts)
+    # a value-less result of the graded scan or a later one; a report or procedure of a later scan
+    # (on the day of the graded scan a report or procedure is that scan, whose scores were read)
+    if any(r["age_months"] <= g if r["source"] == "observation" else r["age_months"] < g for r in records for g in graded):
+        assert a.category != "low", "low while a result of the graded scan (or a later one) has no value"
+        if without.category == "low":
+            assert a.category == "indeterminate" or (a.category == "moderate" and "bmd_change" in {f["t"] for f in facts})
+        if a.category == "indeterminate":
+            assert "dxa-obtain-result" in a.recommendations and "dxa-result-incomplete" in a.flags
+    else:
+        assert a.category == without.category, "an older value-less DXA result, or the graded scan's report, changed the category"
+        assert "dxa-result-incomplete" not in a.flags
