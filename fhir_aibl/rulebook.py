@@ -24,7 +24,8 @@ Pattern syntax (a mapping of field -> test):
     field: {not_in: [a, b]}      none of
     field: {lt|le|gt|ge|ne: x}   comparison with a number or string (several operators: all hold)
     field: {exists: true|false}  present or absent
-    x may be `$alias.field`, a field of another pattern of the same rule (a join).
+    x may be `$alias.field`, a field of another pattern of the same rule (a join); a pattern
+    with a join may not also hold an `in` test of several values (`_check_or_beside_join`).
     `${param}` anywhere is replaced by the file's `params` value.
 Assert templates copy fields from matched facts with `$alias.field`.
 """
@@ -316,6 +317,32 @@ def _check_pattern(pattern: Any, aliases: set[str], here: str) -> None:
                 m = _REF.match(ref)
                 if not m or m.group(1) not in aliases:
                     raise RulesError(f"{fld}: {ref!r} does not name a field of a 'when' pattern", source=here)
+    _check_or_beside_join(pattern, here)
+
+
+def _joins(test: Any) -> bool:
+    values = list(test.values()) if isinstance(test, dict) else [test]
+    flat = [v for value in values for v in (value if isinstance(value, list) else [value])]
+    return any(isinstance(v, str) and _REF.match(v) for v in flat)
+
+
+def _check_or_beside_join(pattern: Mapping[str, Any], here: str) -> None:
+    """Refuse a one-of test of several values in a pattern that also joins another pattern's field.
+
+    durable_rules evaluates such a pattern (an `$or` beside a comparison with a field of another
+    fact) as matching every fact of its type: measured with `{in: [report, procedure]}` beside
+    `{lt: $d.age_months}`, which matched an Observation of any age. A rule written that way would
+    fire where it must not, silently; write the one-of test another way (`ne`, `not_in`, or a
+    rule per value).
+    """
+    ors = [f for f, test in pattern.items() if isinstance(test, dict) and len(test.get("in") or []) > 1]
+    joined = [f for f, test in pattern.items() if f != "t" and _joins(test)]
+    if ors and joined:
+        raise RulesError(
+            f"{ors[0]}: an 'in' test of several values beside a join ({joined[0]}) matches every fact in "
+            "durable_rules; use 'ne' or 'not_in', or one rule per value",
+            source=here,
+        )
 
 
 def _pattern_fields(rule: Rule) -> list[tuple[str, Mapping[str, Any], bool]]:

@@ -78,6 +78,9 @@ def test_only_rules_that_negate_wait_for_their_stage(assessor):
         (lambda d: _first_rule(d, "C-LOW-RF").pop("note"), "PROPOSAL \\(a G gap resolution\\) needs a note"),
         (lambda d: _first_rule(d, "E1-ACTIVE")["when"].__setitem__("m", {"t": "category"}), "after this rule.s stage"),
         (lambda d: d["outputs"]["category"].__setitem__("fact", "categroy"), "no rule asserts"),
+        # durable_rules matches every fact with a one-of test beside a join: refused, not run silently wrong
+        (lambda d: _first_rule(d, "DXA-LATER-SCAN-UNREAD-T")["when"]["r"].__setitem__("source", {"in": ["report", "procedure"]}),
+         "an 'in' test of several values beside a join"),
         # a later stage asserting what an earlier stage reads: that stage's facts would not be complete
         (lambda d: d["rules"].append(_late_producer(d)), "'when' on 'ai_med', which rules of stage 3 assert, after this rule.s stage 1"),
     ],
