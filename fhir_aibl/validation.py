@@ -52,8 +52,10 @@ connector run) and capped at `MEMO_LIMIT` shapes, so memory stays bounded whatev
 from __future__ import annotations
 
 import datetime
+import copy
 import decimal
 import functools
+import re
 import types
 import typing
 import uuid
@@ -474,8 +476,6 @@ def salvage(resource: Mapping[str, Any], problem: Exception) -> Salvaged | None:
     date (then age unknown: never low), never its sex. Anything else is None: the resource is
     left out, as before. The caller still reports the validation problem.
     """
-    import copy
-
     current = copy.deepcopy(dict(resource))
     removed: list[str] = []
     for _ in range(_MAX_SALVAGE_ROUNDS):
@@ -523,8 +523,6 @@ def _problem_paths(problem: Exception) -> list[tuple]:
 
 
 def _parse_path(text: str) -> tuple:
-    import re
-
     parts: list[Any] = []
     for name, index in re.findall(r"([^.\[\]]+)|\[(\d+)\]", text):
         parts.append(int(index) if index else name)

@@ -250,13 +250,7 @@ def assess_partition(part: int, pieces: int, out: str, after: str | None = None,
     assessor = _assessor()
     validate = sources._validation_filter(assessor.terminology)
     spool = _RunSpool(config)
-    # the Medications of every piece, in read order: a Bulk export keeps them in a file of their own,
-    # which another process indexed; without them a drug given by reference would read as unresolved
-    for i in range(pieces):
-        path = medications_path(config.tmp, i)
-        if path.exists():
-            with path.open("rb") as fh:
-                spool.medications.merge(*pickle.load(fh))
+    spool.medications = _run_medications(spool.medications, config.tmp, pieces)
     spool.runs = [p for p in (run_path(config.tmp, i, part) for i in range(pieces)) if p.exists()]
     if spool.runs:
         spool.tmp = Path(out + ".merge")
@@ -277,6 +271,25 @@ def assess_partition(part: int, pieces: int, out: str, after: str | None = None,
     finally:
         spool.close()
     return written
+
+
+_MEDICATIONS: tuple[tuple[str, int], Any] | None = None
+
+
+def _run_medications(empty: Any, tmp: str, pieces: int) -> Any:
+    """The Medications of every piece, merged in read order into `empty` once per process and run (a
+    worker assesses several partitions): a Bulk export keeps them in a file of their own, which
+    another process indexed; without them a drug given by reference would read as unresolved. The
+    second pass only reads the index, so the partitions of one process share it."""
+    global _MEDICATIONS
+    if _MEDICATIONS is None or _MEDICATIONS[0] != (tmp, pieces):
+        for i in range(pieces):
+            path = medications_path(tmp, i)
+            if path.exists():
+                with path.open("rb") as fh:
+                    empty.merge(*pickle.load(fh))
+        _MEDICATIONS = ((tmp, pieces), empty)
+    return _MEDICATIONS[1]
 
 
 def make_item(pid: str, outcomes: Any, assessor: Assessor, as_of: dt.date, payload: str) -> Item:
