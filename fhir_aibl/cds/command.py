@@ -17,7 +17,8 @@ cache), and their metrics are summed through `PROMETHEUS_MULTIPROC_DIR` (a fresh
 folder unless the variable is already set).
 
 SIGTERM or SIGINT stops gracefully: no new connection is accepted, calls in progress get
-`--graceful-timeout` seconds to finish, then the pools and the database are closed.
+`--graceful-timeout` seconds to finish, a connection accepted whose request has not been read yet
+gets a second to send it (draining.py), then the pools and the database are closed.
 
 Exit status: 0 after a clean shutdown; 2 when the service cannot start (a configuration
 that does not load or validate, rules that do not load, a database that cannot be opened,
@@ -31,6 +32,7 @@ import logging
 import logging.config
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -174,6 +176,7 @@ def run(args: argparse.Namespace, *, serve=None) -> int:
         import uvicorn
 
         serve = uvicorn.run
+    from .draining import DrainingH11Protocol  # uvicorn's, imported only to serve
     options = {
         "host": args.host,
         "port": args.port,
@@ -184,9 +187,15 @@ def run(args: argparse.Namespace, *, serve=None) -> int:
         "proxy_headers": bool(settings.trusted_proxies),
         "forwarded_allow_ips": ",".join(settings.trusted_proxies) or None,
         "timeout_graceful_shutdown": args.graceful_timeout,
+        # a stopping worker still answers a connection it accepted whose request was not read yet
+        "http": DrainingH11Protocol,
     }
     saved = {name: os.environ.get(name) for name in (WORKER_SETTINGS_ENV, MULTIPROC_ENV)}
     metrics_dir: str | None = None
+    # uvicorn stops gracefully on SIGTERM, then raises the signal again once its own handler is
+    # removed: this handler turns that into the clean exit 0 (one worker; the supervisor of
+    # several exits 0 by itself).
+    previous_sigterm = signal.signal(signal.SIGTERM, _terminated)
     try:
         if args.workers == 1:
             serve(app, **options)
@@ -210,9 +219,10 @@ def run(args: argparse.Namespace, *, serve=None) -> int:
         if exc.code not in (0, None):
             print(f"fatal: the service did not start on {args.host}:{args.port} (see the log above)", file=sys.stderr)
             return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Terminated):
         pass
     finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
@@ -221,6 +231,14 @@ def run(args: argparse.Namespace, *, serve=None) -> int:
         if metrics_dir is not None and saved[MULTIPROC_ENV] is None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+class _Terminated(Exception):
+    """SIGTERM after (or before) serving: the stop asked for."""
+
+
+def _terminated(signum, frame) -> None:
+    raise _Terminated
 
 
 def _metrics_dir() -> str:
