@@ -11,6 +11,7 @@ writes NDJSON files and `state.json` into the output folder and prints where;
 writes them back (bulk/writeback.py). With `--incremental` it exports only what changed since
 the last complete run and merges it into the store in the output folder (bulk/incremental.py).
 A run killed after its export was downloaded is resumed from that export by running it again.
+One run at a time in an output folder: a second is refused at once (folderlock.py).
 
 Exit status: 0 when everything was exported (and assessed, and written back); 1 when the
 server reported errors in the manifest's error files, some input was rejected or a write
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import TextIO
 
 from ..errors import AiblError
+from ..folderlock import FolderInUseError, folder_lock
 
 DEFAULT_OUT = Path("out/bulk")
 
@@ -133,7 +135,8 @@ def run_export(args: argparse.Namespace, *, environ=None, session=None, stdout: 
                stderr: TextIO | None = None) -> int:
     out, err = stdout or sys.stdout, stderr or sys.stderr
     try:
-        result = _export(args, environ=environ, session=session, err=err)
+        with folder_lock(args.out, "fhir-aibl export"):
+            result = _export(args, environ=environ, session=session, err=err)
     except (AiblError, ValueError) as exc:
         print(f"fatal: {exc}", file=err)
         return 2
@@ -161,10 +164,15 @@ def run_bulk(args: argparse.Namespace, *, assessor=None, environ=None, session=N
         return 2
     opened: list = []  # the incremental store, closed (rolled back unless committed) whatever happens
     try:
-        return _run_bulk(args, assessor, environ, session, out, err, opened)
-    finally:
-        for run in opened:
-            run.close()
+        with folder_lock(args.out, "fhir-aibl run --bulk"):
+            try:
+                return _run_bulk(args, assessor, environ, session, out, err, opened)
+            finally:
+                for run in opened:
+                    run.close()
+    except FolderInUseError as exc:
+        print(f"fatal: {exc}", file=err)
+        return 2
 
 
 def _run_bulk(args, assessor, environ, session, out, err, opened) -> int:

@@ -7,7 +7,8 @@ FROM: files or folders of `assess --format json --explain` arrays, JSON lines of
 `assess --format fhir` Bundles, or NDJSON of CarePlans and RiskAssessments (writeback/inputs.py).
 The writes are decided as `run --write-back` decides them (idempotent by the CarePlan's business
 identifier), sent in batches (writeback/batches.py) and recorded in a journal in `--state`
-(writeback/journal.py), so that a rerun after an interruption resumes. docs/write-back.md.
+(writeback/journal.py), so that a rerun after an interruption resumes; one run at a time uses a
+journal folder (a second is refused at once: folderlock.py). docs/write-back.md.
 
 Exit status, as `run`: 0 every patient written or unchanged; 1 some input was refused or some
 patient failed (the others are done); 2 nothing could run (bad options, the server unreachable,
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import TextIO
 
 from ..errors import AiblError
+from ..folderlock import FolderInUseError, folder_lock
 from ..fhir.command import _positive
 from .batches import DEFAULT_BATCH, PopulationWriter, Progress, Tally
 
@@ -118,7 +120,11 @@ def run(args: argparse.Namespace, *, session=None, environ=None, stdout: TextIO 
         log.addHandler(handler)
         log.setLevel(logging.DEBUG)
     try:
-        return _run(args, session=session, environ=environ, out=out, err=err)
+        with folder_lock(args.state, "fhir-aibl write-back"):
+            return _run(args, session=session, environ=environ, out=out, err=err)
+    except FolderInUseError as exc:
+        print(f"fatal: {exc}", file=err, flush=True)
+        return 2
     finally:
         if handler is not None:
             log.removeHandler(handler)
