@@ -44,7 +44,7 @@ from ..references import MedicationIndex, parse_reference
 from ..terminology import Terminology
 from .client import FhirClient, SearchSpec, escape_token
 from .errors import ConfigError, NotSupported
-from .pull import _ID_RE, patient_of
+from .pull import _ID_RE, patient_elsewhere, patient_of
 
 log = logging.getLogger("fhir_aibl.fhir")
 
@@ -73,6 +73,9 @@ class Population:
     requests: int = 0
     #: resources found by the code search that the value-set check turned down, with why
     rejected: list[str] = field(default_factory=list)
+    #: what the run reports as warnings: an aromatase inhibitor whose patient could not be
+    #: selected, or was selected from a reference on another base
+    warnings: list[str] = field(default_factory=list)
 
 
 ALTERNATIVES = "--group ID (the members of a FHIR Group), --patients-file FILE (one patient id per line) or --patient ID ..."
@@ -114,6 +117,7 @@ def select_population(
             searches.append(spec)
     ids: set[str] = set()
     rejected: list[str] = []
+    warnings: list[str] = []
     found: list[tuple[str, dict]] = []
     medications = MedicationIndex()
     for spec in searches:
@@ -136,11 +140,18 @@ def select_population(
             rejected.append(f"{label}: status {resource.get('status')}")
             continue
         pid = patient_of(resource, client.base_url)
+        if pid is None and (pid := patient_elsewhere(resource, client.base_url)) is not None:
+            # never hidden on a guess: the pull asks the server for this patient's own records
+            warnings.append(
+                f"{label}: an aromatase inhibitor for Patient/{pid} on another base; Patient/{pid} of this "
+                "server is assessed (its records are those the server answers for it)"
+            )
         if pid is None:
-            rejected.append(f"{label}: names no patient on this server")
+            warnings.append(f"{label}: an aromatase inhibitor that names no patient on this server: nobody selected by it")
             continue
         ids.add(pid)
-    return Population(patient_ids=sorted(ids), requests=client.stats.requests - before, rejected=rejected)
+    return Population(patient_ids=sorted(ids), requests=client.stats.requests - before, rejected=rejected,
+                      warnings=warnings)
 
 
 def _read_missing(client: FhirClient, medications: MedicationIndex, resources: list[dict]) -> None:

@@ -99,24 +99,51 @@ def patient_of(resource: Mapping[str, Any], base_url: str) -> str | None:
     """The id of the patient a resource belongs to (its own id for a Patient), or None.
 
     Accepts `Patient/<id>`, `Patient/<id>/_history/<v>` and absolute references on this
-    server's base; an absolute reference to another server is not this server's patient.
+    server's base; an absolute reference to another base is not known to be this server's
+    patient (see `patient_elsewhere`).
     """
+    pid, elsewhere = _patient_reference(resource, base_url)
+    return None if elsewhere else pid
+
+
+def patient_elsewhere(resource: Mapping[str, Any], base_url: str) -> str | None:
+    """The `<id>` of an absolute `.../Patient/<id>` reference on a base other than `base_url`, or None.
+
+    A server behind a proxy, or known by several names, can hold absolute references on a base
+    other than the one the client was given. The server's own search by patient is then what
+    says whose the resource is: a resource it answers for this patient is kept (with a warning),
+    and an aromatase inhibitor recorded that way still selects the patient.
+    """
+    pid, elsewhere = _patient_reference(resource, base_url)
+    return pid if elsewhere else None
+
+
+def _reference_text(resource: Mapping[str, Any]) -> str:
+    """The patient reference a resource gives, as written (for a message)."""
+    for element in _PATIENT_ELEMENTS:
+        ref = resource.get(element)
+        if isinstance(ref, dict) and isinstance(ref.get("reference"), str):
+            return ref["reference"].strip()
+    return ""
+
+
+def _patient_reference(resource: Mapping[str, Any], base_url: str) -> tuple[str | None, bool]:
+    """(the patient id a resource names, whether by an absolute reference on another base)."""
     if resource.get("resourceType") == "Patient":
         rid = resource.get("id")
-        return rid if isinstance(rid, str) and rid else None
+        return (rid if isinstance(rid, str) and rid else None), False
     for element in _PATIENT_ELEMENTS:
         ref = resource.get(element)
         value = ref.get("reference") if isinstance(ref, dict) else None
         if not isinstance(value, str) or not value.strip():
             continue
         value = value.strip()
-        if value.startswith(("http://", "https://")) and not value.startswith(base_url.rstrip("/") + "/"):
-            return None
+        elsewhere = value.startswith(("http://", "https://")) and not value.startswith(base_url.rstrip("/") + "/")
         target = parse_reference(value)  # relative, absolute, versioned (fhir_aibl/references.py)
         if target is not None and target[0] == "Patient":
-            return target[1]
-        return None
-    return None
+            return target[1], elsewhere
+        return None, False
+    return None, False
 
 
 def _version(resource: Mapping[str, Any]) -> int:
@@ -426,6 +453,13 @@ class Puller:
             for r in resources:
                 owner = patient_of(r, base)
                 label = f"{r.get('resourceType')}/{r.get('id')}"
+                if owner is None and patient_elsewhere(r, base) == pid:
+                    # the server answered it to a search by this patient: its own name for itself
+                    owner = pid
+                    result.warnings.append(
+                        f"{label}: names Patient/{pid} on another base "
+                        f"({_reference_text(r)}); kept, as the server answered it for this patient"
+                    )
                 if owner is None:
                     result.warnings.append(f"{label}: dropped, it names no patient this server holds")
                     continue

@@ -174,6 +174,7 @@ class Runner:
             ids = report.population.patient_ids
         elif patient_ids is None:
             report.population = self.select()
+            report.warnings.extend(report.population.warnings)
             ids = report.population.patient_ids
         else:
             ids = list(dict.fromkeys(patient_ids))

@@ -19,6 +19,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import responses
 
 BASE = "https://fhir.test/r4"
+#: The base this fake server also holds absolute references on (its name behind a proxy).
+ALIAS = "http://fhir-internal:8080/fhir"
 TYPES = (
     "Patient",
     "Observation",
@@ -116,6 +118,8 @@ def _patient_of(resource: dict) -> str | None:
         ref = (resource.get(element) or {}).get("reference", "")
         if ref.startswith("Patient/"):
             return ref.split("/")[1]
+        if ref.startswith(ALIAS + "/Patient/"):  # the server's other name for itself
+            return ref.split("/")[-1]
     return None
 
 

@@ -10,7 +10,7 @@ from fhir_aibl.fhir import PROFILES, FhirClient
 from fhir_aibl.fhir.errors import NotSupported
 from fhir_aibl.fhir.population import ai_concepts, select_population
 
-from .fakes import BASE, FakeFhir, mock, patient, statement
+from .fakes import ALIAS, BASE, FakeFhir, mock, patient, statement
 
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 
@@ -109,3 +109,19 @@ def test_the_population_search_follows_pages(assessor):
 def test_a_server_that_cannot_search_without_a_patient_says_so(assessor):
     with pytest.raises(NotSupported, match="--patient"):
         _select(FakeFhir(), assessor, profile="epic")
+
+
+def test_an_aromatase_inhibitor_naming_its_patient_on_another_base_still_selects_the_patient(assessor):
+    """Never hidden on a guess: the statement names Patient/x by an absolute reference on a base
+    other than the client's (a server behind a proxy); x is selected, and the run says why."""
+    aliased = statement("s-x", "x")
+    aliased["subject"]["reference"] = f"{ALIAS}/Patient/x"
+    nobody = statement("s-n", "n")
+    nobody["subject"] = {"identifier": {"value": "MRN-9"}}
+    population, _ = _select(FakeFhir(resources=[patient("a"), statement("s-a", "a"), patient("x"), aliased, nobody]), assessor)
+    assert population.patient_ids == ["a", "x"]
+    assert population.warnings == [
+        "MedicationStatement/s-x: an aromatase inhibitor for Patient/x on another base; Patient/x of this server "
+        "is assessed (its records are those the server answers for it)",
+        "MedicationStatement/s-n: an aromatase inhibitor that names no patient on this server: nobody selected by it",
+    ]

@@ -9,9 +9,9 @@ import pytest
 
 from fhir_aibl.fhir import PROFILES, FhirClient, Puller
 from fhir_aibl.fhir.errors import ConfigError, CrossPatient, IgnoredParameter, NotSupported
-from fhir_aibl.fhir.pull import PULL_TYPES, patient_of
+from fhir_aibl.fhir.pull import PULL_TYPES, patient_elsewhere, patient_of
 
-from .fakes import BASE, FakeFhir, fmh, ids, mock, observation, patient, record, statement
+from .fakes import ALIAS, BASE, FakeFhir, fmh, ids, mock, observation, patient, record, statement
 
 OURS = {"system": "urn:fhir-aibl:careplan", "value": "abc"}
 
@@ -239,6 +239,40 @@ def test_patient_references_are_read_strictly():
     assert patient_of({"resourceType": "Observation", "subject": {"reference": "Group/g"}}, base) is None
     assert patient_of({"resourceType": "FamilyMemberHistory", "patient": {"reference": "Patient/b"}}, base) == "b"
     assert patient_of({"resourceType": "Patient", "id": "c"}, base) == "c"
+
+
+def test_a_resource_the_server_answers_for_this_patient_on_another_base_is_kept_with_a_warning():
+    """A server behind a proxy, or known by two names, holds absolute references on a base other
+    than the client's: its search by patient is what says whose they are. The aromatase inhibitor
+    recorded that way must not make the patient look untreated (it was dropped before)."""
+    resources = record("p1") + record("p2")
+    for r in resources:
+        if r["id"] in ("p1-ai", "p1-ls"):
+            r["subject"]["reference"] = f"{ALIAS}/Patient/p1"
+    stray = observation("p2-stray", "p2", "38267-1", -3.1)
+    stray["subject"]["reference"] = f"{ALIAS}/Patient/p2"
+    fake = FakeFhir(resources=resources + [stray])
+    result, _, _ = pull(fake)
+    assert {"MedicationStatement/p1-ai", "Observation/p1-ls"} <= set(ids(result.resources))
+    assert f"MedicationStatement/p1-ai: names Patient/p1 on another base ({ALIAS}/Patient/p1); kept, as the server answered it for this patient" in result.warnings
+    assert "Observation/p2-stray" not in ids(result.resources)  # p2's, whatever base: never p1's
+
+    # a server that answers p2's Observation on the other base to a search for p1: never p1's
+    fake = FakeFhir(resources=record("p1") + [stray], ignores_patient=frozenset({"Observation"}))
+    result, _, _ = pull(fake)
+    assert "Observation/p2-stray" not in ids(result.resources)
+    assert "Observation/p2-stray: dropped, it names no patient this server holds" in result.warnings
+
+
+def test_patient_elsewhere_names_only_absolute_references_on_another_base():
+    base = "https://fhir.test/r4"
+    def obs(ref):
+        return {"resourceType": "Observation", "subject": {"reference": ref}}
+    assert patient_elsewhere(obs("https://other.test/Patient/a"), base) == "a"
+    assert patient_elsewhere(obs("https://other.test/Patient/a/_history/2"), base) == "a"
+    assert patient_elsewhere(obs(f"{base}/Patient/a"), base) is None
+    assert patient_elsewhere(obs("Patient/a"), base) is None
+    assert patient_elsewhere(obs("https://other.test/Group/g"), base) is None
 
 
 def test_only_what_the_rules_read_is_validated_with_one_memo_for_the_run(monkeypatch):
