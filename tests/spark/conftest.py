@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -27,6 +28,9 @@ def spark():
     from fhir_aibl.spark.command import session
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    # py4j logs its connections' closing at INFO when they are collected, after pytest has closed
+    # its log streams ("--- Logging error ---" at the end of the run)
+    logging.getLogger("py4j").setLevel(logging.WARNING)
     session_, _owned = session("local[2]")
     yield session_
     session_.stop()
