@@ -31,19 +31,29 @@ except ImportError:  # pragma: no cover - not POSIX
 NAME = ".fhir-aibl.lock"
 
 
-class FolderInUseError(AiblError):
+class FolderError(AiblError):
+    """The working folder cannot be created or locked (a file of that name, no permission)."""
+
+    code = "folder-unusable"
+
+
+class FolderInUseError(FolderError):
     code = "folder-in-use"
 
 
 @contextmanager
 def folder_lock(folder: Path, what: str) -> Iterator[None]:
-    """Hold `folder` for this process while the block runs; FolderInUseError if another holds it."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Hold `folder` for this process while the block runs; FolderInUseError if another holds it,
+    FolderError if it cannot be created or its lock file opened."""
     path = folder / NAME
-    if fcntl is None:  # pragma: no cover - not POSIX
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = path.open("a+", encoding="utf-8") if fcntl is not None else None
+    except OSError as exc:
+        raise FolderError(f"{folder} cannot be used as the working folder: {exc.strerror or exc}") from None
+    if handle is None:  # pragma: no cover - not POSIX
         yield
         return
-    handle = path.open("a+", encoding="utf-8")
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

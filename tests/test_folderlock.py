@@ -81,3 +81,16 @@ def test_the_lock_is_released_when_the_run_ends_and_when_its_process_is_killed(t
             assert time.monotonic() < deadline
             time.sleep(0.05)
     assert (folder / NAME).read_text().startswith("the next night, process ")
+
+
+@responses.activate
+def test_a_working_folder_that_cannot_be_created_is_a_clear_fatal_error(tmp_path, capsys):
+    taken = tmp_path / "a-file"
+    taken.write_text("not a folder")
+    for argv in (["export", "--fhir-base", BASE, "--out", str(taken)],
+                 ["run", "--bulk", "--fhir-base", BASE, "--out", str(taken / "sub")],
+                 ["write-back", "--fhir-base", BASE, "--state", str(taken), str(taken)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "cannot be used as the working folder" in err and "Traceback" not in err
+    assert len(responses.calls) == 0

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TextIO
 
 from ..errors import AiblError
-from ..folderlock import FolderInUseError, folder_lock
+from ..folderlock import FolderError, folder_lock
 
 DEFAULT_OUT = Path("out/bulk")
 
@@ -170,7 +170,7 @@ def run_bulk(args: argparse.Namespace, *, assessor=None, environ=None, session=N
             finally:
                 for run in opened:
                     run.close()
-    except FolderInUseError as exc:
+    except FolderError as exc:
         print(f"fatal: {exc}", file=err)
         return 2
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TextIO
 
 from ..errors import AiblError
-from ..folderlock import FolderInUseError, folder_lock
+from ..folderlock import FolderError, folder_lock
 from ..fhir.command import _positive
 from .batches import DEFAULT_BATCH, PopulationWriter, Progress, Tally
 
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace, *, session=None, environ=None, stdout: TextIO 
     try:
         with folder_lock(args.state, "fhir-aibl write-back"):
             return _run(args, session=session, environ=environ, out=out, err=err)
-    except FolderInUseError as exc:
+    except FolderError as exc:
         print(f"fatal: {exc}", file=err, flush=True)
         return 2
     finally:
