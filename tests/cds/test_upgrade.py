@@ -9,6 +9,7 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -94,3 +95,14 @@ def test_sighup_upgrades_the_rules_worker_by_worker_and_refuses_rules_that_do_no
             proc.kill()
             raise
     assert code == 0
+
+
+def test_the_upgrade_bench_runs_and_every_call_is_answered():
+    """bench/upgrade.py (the measurement in docs/deployment.md), tiny: one upgrade under load."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "upgrade.py"), "--upgrades", "1", "--every", "10", "--clients", "2"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout
+    result = json.loads(done.stdout)
+    assert result["failed"] == 0 and result["answered"] > 0 and result["upgrades"] == 1
