@@ -71,8 +71,11 @@ class Assessor:
             boundary_mode=self.rulebook.boundary_mode,
         )
 
-    def assess(self, patient_ref: str, resources: Iterable[Mapping[str, Any]], as_of: dt.date) -> Result:
-        facts = extract_facts(patient_ref, resources, as_of, self.terminology)
+    def assess(
+        self, patient_ref: str, resources: Iterable[Mapping[str, Any]], as_of: dt.date, unreadable: Iterable[str] = ()
+    ) -> Result:
+        """`unreadable`: `Type/id` of the patient's resources left out as unreadable (facts.extract_facts)."""
+        facts = extract_facts(patient_ref, resources, as_of, self.terminology, unreadable)
         derivation = self.engine.evaluate(facts.facts)
         assessment = build_assessment(patient_ref, as_of, derivation, self.rulebook, self.ruleset_info, facts.dxa_dates)
         return Result(assessment, facts)
@@ -86,7 +89,7 @@ def assess_record(assessor: Assessor, record: PatientRecord, as_of: dt.date) -> 
     """
     source = ", ".join(record.sources)
     try:
-        result = assessor.assess(record.patient_ref, record.resources, as_of)
+        result = assessor.assess(record.patient_ref, record.resources, as_of, record.unreadable)
     except AiblError as exc:
         exc.source = exc.source or source
         exc.resource = exc.resource or record.patient_ref

@@ -33,7 +33,8 @@ RISK_FACTOR_ORDER = (
 #: Data flags about how the patient's medications were read (docs/medications.md). Raised
 #: whatever the AI status, so a patient whose drug cannot be read is never silently "none".
 MEDICATION_FLAGS = (
-    "medication-unresolved",  # a medicationReference resolved to nothing readable (ai_status stays as read)
+    "medication-unresolved",  # a medicationReference resolved to nothing readable, or a medication entry left
+    # out as unreadable (ai_status stays as read)
     "medication-by-text",  # an aromatase inhibitor recognised only by its name: assessed as on it
 )
 

@@ -958,9 +958,29 @@ def _dosage_route(res: Mapping[str, Any]) -> str | None:
     return None
 
 
-def extract_facts(patient_ref: str, resources: Iterable[Mapping[str, Any]], as_of: dt.date, terminology: Terminology) -> FactSet:
-    """Every fact the rules read, for one patient's resources."""
+def extract_facts(
+    patient_ref: str,
+    resources: Iterable[Mapping[str, Any]],
+    as_of: dt.date,
+    terminology: Terminology,
+    unreadable: Iterable[str] = (),
+) -> FactSet:
+    """Every fact the rules read, for one patient's resources.
+
+    `unreadable`: `Type/id` of this patient's resources that were left out because they could
+    not be read (they fail FHIR R4 validation where reading them in part is not safe). What
+    they said is unknown, so they must not pass for absent: a medication among them is a
+    `med_issue` (it may be an aromatase inhibitor), and any of them makes a `record_unreadable`
+    fact (the record may hold a risk factor that was not seen). A Patient among them is the
+    missing Patient already handled (G29).
+    """
     ex = _Extractor(terminology, as_of)
+    unread = sorted({label for label in unreadable if not label.startswith("Patient/")})
+    for label in unread:
+        if label.split("/", 1)[0] in _MEDICATION_TYPES:
+            ex.add("med_issue", [label], issue="unreadable")
+    if unread:
+        ex.add("record_unreadable", unread, count=len(unread))
     resources = list(resources)
     dxa_rows: list[dict] = []
     steroid_spans: list[tuple[dt.date, dt.date, str]] = []

@@ -14,6 +14,9 @@ under `checks:` plus these, which no rule file can switch off:
 - never `low` while a DXA result without a usable value is on record from the scan the
   category was graded on or a later one, or a report or procedure of a later scan: its value
   could be lower (section 0 safety invariant);
+- never `low` while entries of the record were left out as unreadable, and a medication entry
+  left out that way is always flagged `medication-unresolved` (section 0: unreadable data never
+  yields low, never hides a patient on an aromatase inhibitor);
 - never a Z-score for a woman on an aromatase inhibitor without ovarian suppression (G24);
 - `ca-vitd` whenever an antiresorptive is recommended (started, switched, or the bisphosphonate
   that follows denosumab) or continues, with or without the aromatase inhibitor (G26);
@@ -117,6 +120,9 @@ VARIANTS = {
     "excluded-resource": [("excluded", {"resource": "Observation", "reason": "status entered-in-error"})],
     "medication-unresolved": [("med_issue", {"issue": "unresolved"})],
     "medication-by-text": [("med_issue", {"issue": "by-text"})],
+    # a medication entry, and a Condition, left out as unreadable (sources.py, facts.extract_facts)
+    "medication-unreadable": [("med_issue", {"issue": "unreadable"}), ("record_unreadable", {"count": 1})],
+    "record-unreadable": [("record_unreadable", {"count": 1})],
     "d3-only": [("lab", {"concept": "vitamin-d3-25oh", "value": 28.0, "age_months": 2.0}), DROP_VITAMIN_D],
     "btm": [("lab", {"concept": "ctx", "value": 900.0, "age_months": 2.0})],
     "crcl-25": [("renal", {"crcl": 25.0, "age_months": 2.0}), ("lab", {"concept": "egfr", "value": 27.0, "age_months": 2.0})],
@@ -351,6 +357,10 @@ def check(assessor: Assessor, *, max_failures: int = 20) -> CheckReport:
             fail(case, "low with age unknown")
         if a.category == "low" and unread_since_graded(case, derivation):
             fail(case, "low while a DXA result without a value is on record from the graded scan or a later one")
+        if a.category == "low" and case.has("record_unreadable"):
+            fail(case, "low while entries of the record could not be read")
+        if case.has("med_issue", issue="unreadable") and "medication-unresolved" not in a.flags:
+            fail(case, "a medication entry that could not be read, without medication-unresolved")
         ofs = bool(derivation.of_type("ofs"))
         if person.get("sex") == "female" and a.ai_status in ("active", "planned") and not ofs:
             if derivation.of_type("bmd_z"):

@@ -213,6 +213,9 @@ class PatientRecord:
     patient_ref: str  #: "Patient/<id>"
     resources: list[dict] = field(default_factory=list)  #: the Patient first if present, then read order
     sources: list[str] = field(default_factory=list)  #: files the resources came from, in read order
+    #: `Type/id` of the patient's resources left out because they could not be read (each also
+    #: an error of the run); the rules must not take what they said for absent
+    unreadable: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -757,6 +760,7 @@ class _Spool:
         # The Patient first; the rest keep read order (sort is stable).
         ordered.sort(key=lambda c: c[1]["resourceType"] != "Patient")
         kept: list[dict] = []
+        unreadable: list[str] = []
         for _pos, resource, entry in ordered:
             if resource["resourceType"] in MEDICATION_USE_TYPES and "medicationReference" in resource:
                 resource = self.medications.inline(resource)  # a Medication elsewhere in the input, contained
@@ -765,10 +769,11 @@ class _Spool:
                 if problem is not None:
                     yield problem
                     if problem.salvaged is None:
+                        unreadable.append(_label(resource, None))
                         continue
                     resource = problem.salvaged  # read without its invalid elements (validation.salvage)
             kept.append(resource)
-        yield PatientRecord(patient_ref=f"Patient/{pid}", resources=kept, sources=sources)
+        yield PatientRecord(patient_ref=f"Patient/{pid}", resources=kept, sources=sources, unreadable=unreadable)
 
     def _item(self, resource: dict, entry: tuple) -> _Item:
         """Where a resource came from, for its error report: file:line of an NDJSON line, else the Bundle entry."""

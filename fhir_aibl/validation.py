@@ -133,11 +133,51 @@ def needs_validation(resource: Mapping[str, Any], terminology: Terminology) -> b
     One decision for the file reader (sources.py) and the CDS prefetch (cds/validation.py).
     A resource on which that test raises is malformed in a way the facts stage would trip
     over too, so it is validated (and rejected, with the pydantic messages) rather than guessed at.
+    So is one whose codes are not shaped as FHIR says (`coding` an object instead of a list, a
+    code that is a number): the test would read no code in it and call it irrelevant, and an
+    aromatase inhibitor coded that way would pass unseen instead of being reported.
     """
+    if _codes_malformed(resource):
+        return True
     try:
         return reads_resource(resource, terminology)
     except Exception:  # noqa: BLE001 - any failure of the test means "validate it"
         return True
+
+
+#: The coded elements that say what a resource is (what `reads_resource` classifies it by).
+_CODED = ("code", "medicationCodeableConcept", "valueCodeableConcept", "category")
+
+
+def _codeable_malformed(value: Any) -> bool:
+    if not isinstance(value, dict):
+        return True
+    coding = value.get("coding")
+    if coding is None:
+        return False
+    if not isinstance(coding, list):
+        return True
+    for c in coding:
+        if not isinstance(c, dict):
+            return True
+        for key in ("system", "code"):
+            if key in c and not isinstance(c[key], str):
+                return True
+    return False
+
+
+def _codes_malformed(resource: Mapping[str, Any]) -> bool:
+    """Whether a coded element that classifies the resource is not a CodeableConcept as FHIR JSON has it."""
+    for key in _CODED:
+        value = resource.get(key)
+        if value is None:
+            continue
+        if isinstance(value, list):  # Observation/Condition/MedicationRequest.category: a list of them
+            if any(_codeable_malformed(v) for v in value):
+                return True
+        elif _codeable_malformed(value):
+            return True
+    return False
 
 
 def model_for(resource_type: str) -> Any:
@@ -438,6 +478,11 @@ _NEVER_PRUNED = frozenset({"resourceType", "id", "subject", "patient", "modifier
 #: on the other sex's scores; such a Patient is left out, and the record assessed with age and sex
 #: unknown (never low), as for a missing Patient.
 _NEVER_PRUNED_IN = {"Patient": frozenset({"gender"})}
+#: Top-level elements that say what a resource is: without them it would be read as nothing the
+#: rules know (a fracture as an unknown condition, an aromatase inhibitor as an unknown drug),
+#: silently. Such a resource is left out instead, and the record says entries could not be read
+#: (facts.extract_facts: never low, a medication flagged).
+_CLASSIFYING = frozenset({"code", "medicationCodeableConcept", "medicationReference", "condition", "relationship"})
 #: Resource types whose data can reassure (a normal DXA, a normal calcium): pruned only where
 #: the loss leaves them saying less (no value, no note), never where it changes what they say
 #: (their status, code, date, body site): such a resource is left out, as before.
@@ -468,7 +513,8 @@ def salvage(resource: Mapping[str, Any], problem: Exception) -> Salvaged | None:
     and a fracture with a malformed onset date lost its risk factor: missing data must never
     hide a patient or lower a category. So the invalid elements are removed instead, one
     round at a time, until the rest validates. What may be removed is limited (`_may_lose`):
-    never the identity (id, subject, patient) or a modifier extension; in data that can
+    never the identity (id, subject, patient), a modifier extension, or what says what the resource
+    is (its code, its drug, a family history's condition or relative); in data that can
     reassure (an Observation, a DXA report or procedure) only what leaves it saying less (its
     value, a note), never its status, code, date or site. A medication without its status
     reads as `unknown`, the status the rules treat as possibly taken; a Condition without its
@@ -539,6 +585,8 @@ def _path_text(path: tuple) -> str:
 def _may_lose(rtype: Any, path: tuple) -> bool:
     names = [p for p in path if isinstance(p, str)]
     if not names or any(n in _NEVER_PRUNED for n in names) or names[0] in _NEVER_PRUNED_IN.get(rtype, ()):
+        return False
+    if names[0] in _CLASSIFYING:
         return False
     if rtype not in _REASSURING:
         return True

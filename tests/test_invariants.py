@@ -8,6 +8,8 @@
 - a DXA result without a usable value from the scan whose score was selected, or a later one
   (or a report or procedure of a later scan), never leaves the category `low` (its value could
   be lower); one from an older scan changes nothing;
+- an entry that could not be read (any one fact left out as unreadable) never leaves the category
+  `low`, and an aromatase inhibitor among them is always flagged `medication-unresolved`;
 - no start of an antiresorptive for a patient already on one, and never without `ci-check`
   and `ca-vitd`;
 - the same facts always give the same assessment;
@@ -301,3 +303,24 @@ def test_a_dxa_result_without_a_value_since_the_graded_scan_never_gives_low(asse
     else:
         assert a.category == without.category, "an older value-less DXA result, or the graded scan's report, changed the category"
         assert "dxa-result-incomplete" not in a.flags
+
+
+@given(fact_sets, st.data())
+@SETTINGS
+def test_an_entry_that_could_not_be_read_never_gives_low_and_never_hides_a_medication(assessor, facts, data):
+    """Any one fact's resource left out as unreadable (facts.extract_facts): what it said is
+    unknown, so the category is never low, the clinician is told to check the chart, and an
+    aromatase inhibitor among them is flagged whatever the AI status."""
+    others = [f for f in facts if f["t"] != "patient"]
+    if not others:
+        return
+    gone = data.draw(st.sampled_from(others))
+    label = (gone.get("refs") or ["Condition/unread"])[0]
+    unread = [{"t": "record_unreadable", "count": 1, "refs": [label]}]
+    if gone["t"] in ("ai_med", "antiresorptive"):
+        unread.append({"t": "med_issue", "issue": "unreadable", "refs": [label]})
+    a = _assess(assessor, [f for f in facts if f is not gone] + unread)
+    assert a.category != "low", "an unreadable entry left the category low"
+    assert "record-unreadable" in a.flags
+    if gone["t"] == "ai_med":
+        assert "medication-unresolved" in a.flags, "an unreadable aromatase inhibitor was not flagged"

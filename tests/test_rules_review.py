@@ -74,6 +74,20 @@ def test_a_conflict_is_found(tmp_path, capsys):
     assert any("conflicting recommendations ['oral-bp', 'potent-ar']" in f for f in report.failures)
 
 
+def test_rules_that_let_an_unreadable_record_be_low_or_an_unreadable_medication_pass_are_refused(tmp_path):
+    """The invariants of entries that could not be read (tests/test_unreadable_entries.py): the
+    rule files as they were before them fail the check."""
+    path = _copy_rules(tmp_path)
+    text = path.read_text().replace("      - {t: dxa_unread_graded}\n      - {t: record_unreadable}\n", "      - {t: dxa_unread_graded}\n")
+    for rule in ("CAT-FINAL-RECORD-UNREAD", "MED-FLAG-UNREADABLE"):
+        text = _drop_rule(text, rule)
+    path.write_text(text)
+    report = check(Assessor(path), max_failures=10_000)
+    assert any(f.endswith("| record-unreadable: low while entries of the record could not be read") for f in report.failures)
+    assert any(f.endswith("| medication-unreadable: a medication entry that could not be read, without medication-unresolved")
+               for f in report.failures)
+
+
 def test_a_dead_rule_is_found(tmp_path):
     path = _copy_rules(tmp_path)
     text = path.read_text().replace("title: Body mass index below 20\n    when: {b: {t: bmi, value: {lt: \"${bmi_rf}\"}}}",

@@ -418,11 +418,13 @@ class CdsService:
         filtered = for_patient(prepared.items, patient_id)
         resources = filtered.resources
         notes: list[str] = []
+        unreadable: list[str] = []  # left out as unreadable: the rules must not take them for absent
         if filtered.other_patient:
             metrics.DROPPED.labels("other-patient").inc(filtered.other_patient)
             notes.append(f"{filtered.other_patient} prefetched resource(s) about another patient were ignored.")
         if self.settings.validate_resources:
             resources, invalid, partly = select_and_validate(self.assessor.terminology, resources)
+            unreadable = [name.strip("`") for name in invalid]
             if invalid:
                 metrics.DROPPED.labels("invalid").inc(len(invalid))
                 notes.append(
@@ -464,7 +466,7 @@ class CdsService:
                     "subject": {"reference": f"Patient/{patient_id}"},
                 }
                 resources.append(planned)
-        result = self.assessor.assess(f"Patient/{patient_id}", resources, self.today())
+        result = self.assessor.assess(f"Patient/{patient_id}", resources, self.today(), unreadable)
         assessment = result.assessment
         issued = self.cards.build(assessment, draft_orders=drafts, data_notes=notes, facts=result.facts, resources=resources)
         shown = [

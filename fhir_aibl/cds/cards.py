@@ -202,7 +202,7 @@ class CardBuilder:
             # Resources the rules would read that failed validation were not used: that changes
             # what the record says, so the clinician hears how many (never which, nor why).
             invalid = _INVALID.match(note)
-            if invalid:
+            if invalid and "record-unreadable" not in assessment.flags:  # else the flag's own text says it
                 n = int(invalid.group(1))
                 notes.append(f"{n} result{'s' if n > 1 else ''} on record could not be read and "
                              f"{'were' if n > 1 else 'was'} not used: check the chart.")

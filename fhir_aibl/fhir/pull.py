@@ -89,6 +89,8 @@ class PatientPull:
     warnings: list[str] = field(default_factory=list)
     #: resources that failed validation: errors of the run (exit 1), as `assess` reports them
     invalid: list[str] = field(default_factory=list)
+    #: `Type/id` of those left out (not even read in part): the assessment must know (facts.extract_facts)
+    unreadable: list[str] = field(default_factory=list)
 
     @property
     def patient_ref(self) -> str:
@@ -494,6 +496,7 @@ class Puller:
                 result.invalid.append(
                     f"{r.get('resourceType')}/{r.get('id')}: fails FHIR R4 validation, left out: {problem}"
                 )
+                result.unreadable.append(f"{r.get('resourceType')}/{r.get('id')}")
         order = {t: i for i, t in enumerate(("Patient", *PULL_TYPES))}
         valid.sort(key=lambda r: order.get(r.get("resourceType"), len(order)))  # stable: server order within a type
         result.resources = valid

@@ -256,7 +256,7 @@ class Runner:
                 outcome.pull_requests += self.client.stats.requests - before
             outcome.warnings = list(pulled.warnings)
             try:
-                result = self.assessor.assess(pulled.patient_ref, pulled.resources, self.as_of)
+                result = self.assessor.assess(pulled.patient_ref, pulled.resources, self.as_of, pulled.unreadable)
                 if not result.facts.facts:
                     raise NoUsableDataError(
                         "nothing to assess: no Patient and no recognised Observation, medication or Condition"

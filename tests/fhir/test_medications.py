@@ -316,3 +316,23 @@ def test_on_a_real_server_every_worked_example_by_reference_gives_the_expected_r
         for vector in VECTORS:
             assert _got(got[f"Patient/{vector.lower()}"]) == _want(vector), (profile, vector, EXPECTED[vector]["note"])
         assert "medication-unresolved" not in result.stderr
+
+
+def test_an_aromatase_inhibitor_the_server_holds_malformed_is_flagged_through_the_run(tmp_path):
+    """The connector leaves out a statement that fails validation (its status a number) and the
+    run reports it; the patient is still flagged, never "not on an aromatase inhibitor" in silence
+    (tests/test_unreadable_entries.py has the reader's side)."""
+    broken = order("o1-ai", "o1", "Medication/m1")
+    broken["status"] = 5
+    resources = [patient("o1"), observation("o1-ls", "o1", "38267-1", -2.2), broken, medication("m1")]
+    ids_file = tmp_path / "ids.txt"
+    ids_file.write_text("o1\n")
+    with mock() as rsps:
+        FakeFhir(resources=resources, batch=False, revinclude=False).install(rsps)
+        result = run_command("--fhir-base", BASE, "--patients-file", str(ids_file), "--profile", "oracle",
+                             "--as-of", AS_OF, "--format", "json", "--explain")
+    assert result.code == 1, result.stderr  # an invalid resource is an error of the run
+    assert "MedicationRequest/o1-ai: fails FHIR R4 validation, left out" in result.stderr
+    [assessment] = json.loads(result.stdout)
+    assert assessment["flags"] == ["medication-unresolved", "record-unreadable"]
+    assert "MED-FLAG-UNREADABLE" in assessment["rules"]
