@@ -43,6 +43,7 @@ GAPS = {
     "medication-unresolved": (2, "A medication could not be read: check whether it is an aromatase inhibitor"),
     "medication-by-text": (7, "Aromatase inhibitor recognised by name only: confirm it in the medication list"),
     "record-incomplete": (7, "Birth date missing from the record: risk graded as if over 65"),
+    "record-unreadable": (5, "Entries of the record could not be read: check the chart, risk may be higher than graded"),
 }
 
 #: Safety concerns behind a held therapy, in plain language.
@@ -131,6 +132,8 @@ def gaps_of(contract: dict) -> list[str]:
         found.append("medication-by-text")
     if "age-unknown" in flags:
         found.append("record-incomplete")
+    if "record-unreadable" in flags:
+        found.append("record-unreadable")
     return found
 
 

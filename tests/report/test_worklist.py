@@ -9,7 +9,7 @@ import re
 import pytest
 
 from fhir_aibl.cli import FIXTURES_DIR, main
-from fhir_aibl.report.worklist import COLUMNS, SAFETY, Worklist, gaps_of
+from fhir_aibl.report.worklist import COLUMNS, SAFETY, Worklist, gaps_of, row_of
 
 AS_OF = "2026-06-01"
 
@@ -102,3 +102,15 @@ def test_a_medication_that_could_not_be_read_and_denosumab_after_the_ai_are_list
     incomplete = {"patient": "Patient/a", "ai_status": "active", "category": "indeterminate",
                   "recommendations": ["dxa-12m", "complete-record"], "flags": ["age-unknown"]}
     assert "record-incomplete" in gaps_of(incomplete)
+
+
+def test_a_record_with_entries_that_could_not_be_read_is_on_the_worklist_whatever_its_category():
+    """tests/test_unreadable_entries.py: the rules flag it record-unreadable; a high-risk patient
+    on therapy has no other gap, and the chart still needs checking (the risk may be higher)."""
+    treated_high = {"patient": "Patient/a", "ai_status": "active", "category": "high", "recommendations": ["adherence"],
+                    "flags": ["record-unreadable"]}
+    assert gaps_of(treated_high) == ["record-unreadable"]
+    row = row_of(treated_high)
+    assert row is not None and row.priority == 5 and row.gaps == (
+        "Entries of the record could not be read: check the chart, risk may be higher than graded",)
+    assert row_of({**treated_high, "flags": []}) is None
