@@ -586,8 +586,8 @@ def _may_lose(rtype: Any, path: tuple) -> bool:
     names = [p for p in path if isinstance(p, str)]
     if not names or any(n in _NEVER_PRUNED for n in names) or names[0] in _NEVER_PRUNED_IN.get(rtype, ()):
         return False
-    if names[0] in _CLASSIFYING:
-        return False
+    if names[0] in _CLASSIFYING and not (names[0] == "condition" and len(names) > 1 and names[1] != "code"):
+        return False  # (a family history's condition keeps its code; its onset or note may go)
     if rtype not in _REASSURING:
         return True
     top = names[0]

@@ -184,3 +184,13 @@ def test_several_workers_give_the_same(tmp_path, capsys):
     assert outputs[0] == outputs[1]
     flags = {a["patient"]: a["flags"] for a in outputs[0]}
     assert flags == {"Patient/v01": ["medication-unresolved", "record-unreadable"], "Patient/v13": ["record-unreadable"]}
+
+
+def test_a_family_history_keeps_its_condition_code_but_may_lose_a_malformed_onset():
+    fmh = {"resourceType": "FamilyMemberHistory", "id": "f", "status": "completed", "patient": {"reference": "Patient/p"},
+           "relationship": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-RoleCode", "code": "MTH"}]},
+           "condition": [{"code": {"coding": [{"system": "http://snomed.info/sct", "code": "5913000"}]},
+                          "onsetAge": {"value": "70"}}]}
+    kept = salvage(fmh, full_problem(fmh))
+    assert kept is not None and kept.removed == ("condition[0].onsetAge.value",)
+    assert kept.resource["condition"][0]["code"] == fmh["condition"][0]["code"]
