@@ -13,9 +13,9 @@ RAISE = "Patient/raise-me"
 
 
 class FaultyAssessor(Assessor):
-    def assess(self, patient_ref, resources, as_of):
+    def assess(self, patient_ref, resources, as_of, unreadable=()):
         if patient_ref == CRASH:
             os._exit(3)
         if patient_ref == RAISE:
             raise RuntimeError("boom")
-        return super().assess(patient_ref, resources, as_of)
+        return super().assess(patient_ref, resources, as_of, unreadable)
