@@ -31,6 +31,7 @@ from fhir_aibl.sources import read_paths
 from fhir_aibl.validation import full_problem, needs_validation, salvage
 
 from .conftest import FIXTURES
+from .test_salvage import _bundle, _resource
 
 AS_OF = dt.date(2026, 6, 1)
 EXPECTED = json.loads((FIXTURES / "expected.json").read_text())
@@ -41,18 +42,10 @@ def assessor() -> Assessor:
     return Assessor()
 
 
-def _bundle(name: str) -> dict:
-    return json.loads((FIXTURES / "bundles" / f"{name}.json").read_text())
-
-
-def _resource(bundle: dict, rid: str) -> dict:
-    return next(e["resource"] for e in bundle["entry"] if e["resource"]["id"] == rid)
-
-
 def _assess(tmp_path: Path, assessor: Assessor, bundle: dict):
-    path = tmp_path / "record.json"
-    path.write_text(json.dumps(bundle))
-    read = read_paths([path], terminology=assessor.terminology)
+    """(assessment, problems, the reader's record) of one patient's Bundle, read from a file."""
+    (tmp_path / "record.json").write_text(json.dumps(bundle))
+    read = read_paths([tmp_path / "record.json"], terminology=assessor.terminology)
     (record,) = read.patients
     return assess_record(assessor, record, AS_OF).assessment, read.problems, record
 
