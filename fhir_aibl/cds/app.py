@@ -418,13 +418,18 @@ class CdsService:
         filtered = for_patient(prepared.items, patient_id)
         resources = filtered.resources
         notes: list[str] = []
-        unreadable: list[str] = []  # left out as unreadable: the rules must not take them for absent
+        # left out as unreadable: the rules must not take them for absent
+        unreadable: list[str] = list(filtered.unowned_labels)
+        if filtered.unowned:
+            metrics.DROPPED.labels("no-patient").inc(filtered.unowned)
+            notes.append(f"{filtered.unowned} prefetched resource(s) named no patient and were not read: "
+                         "counted as entries of this record that could not be read.")
         if filtered.other_patient:
             metrics.DROPPED.labels("other-patient").inc(filtered.other_patient)
             notes.append(f"{filtered.other_patient} prefetched resource(s) about another patient were ignored.")
         if self.settings.validate_resources:
             resources, invalid, partly = select_and_validate(self.assessor.terminology, resources)
-            unreadable = [name.strip("`") for name in invalid]
+            unreadable += [name.strip("`") for name in invalid]
             if invalid:
                 metrics.DROPPED.labels("invalid").inc(len(invalid))
                 notes.append(

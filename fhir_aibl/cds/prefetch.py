@@ -215,8 +215,11 @@ class Filtered:
     resources: list[dict]
     #: resources about another patient: dropped unread
     other_patient: int = 0
-    #: resources of a relevant type that name no patient at all: dropped (ownership unprovable)
+    #: resources of a relevant type that name no patient at all: not read (ownership unprovable)
     unowned: int = 0
+    #: their `Type/id`: sent for this patient's hook, so the assessment counts them as entries of
+    #: the record that could not be read (never low; an aromatase inhibitor among them flagged)
+    unowned_labels: list[str] = field(default_factory=list)
     #: (type, id) of Medications the kept resources reference and nothing sent (fetch them, else flagged)
     unresolved_medications: list[tuple[str, str]] = field(default_factory=list)
 
@@ -263,6 +266,7 @@ def for_patient(items: Iterable[tuple[dict, Mapping[str, tuple[str, str]]]], pat
         owner = patient_of(resource, urns)
         if owner is None:
             out.unowned += 1
+            out.unowned_labels.append(f"{rtype}/{resource.get('id') if isinstance(resource.get('id'), str) else '?'}")
             continue
         if owner != patient_id:
             out.other_patient += 1

@@ -35,3 +35,23 @@ def test_a_fracture_that_cannot_be_read_never_gives_a_low_risk_card(make_app):
     assert "low risk" not in text
     assert cards[0]["detail"].startswith("**Bone-loss risk not yet graded**")
     assert "could not be read" in cards[0]["detail"]
+
+
+def _prefetched(request: dict, rid: str) -> dict:
+    return next(e["resource"] for value in request["prefetch"].values() if isinstance(value, dict)
+                for e in value.get("entry", []) if e["resource"].get("id") == rid)
+
+
+def test_a_prefetched_aromatase_inhibitor_naming_no_patient_is_not_silence(make_app):
+    """Sent in this patient's prefetch, but its subject lost: it cannot be proven hers, and it
+    cannot be ignored either (before: dropped unread, no card, nothing said)."""
+    request = patient_view_request(_bundle("V01"))
+    _prefetched(request, "v01-anastrozole")["subject"] = {"display": "the patient"}
+    [card] = make_app().hook(PV, request).json()["cards"]
+    assert card["indicator"] == "warning" and "could not be read" in card["summary"]
+
+    request = patient_view_request(_bundle("V13"))
+    _prefetched(request, "v13-fx-hip").pop("subject")
+    cards = make_app().hook(PV, request).json()["cards"]
+    assert cards[0]["detail"].startswith("**Bone-loss risk not yet graded**")  # not low
+    assert "Check the chart for entries that could not be read" in cards[0]["detail"]
