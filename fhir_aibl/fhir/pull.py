@@ -464,6 +464,10 @@ class Puller:
                     )
                 if owner is None:
                     result.warnings.append(f"{label}: dropped, it names no patient this server holds")
+                    if _patient_reference(r, base)[0] is None and purpose != "careplan":
+                        # answered to this patient's search, naming no patient at all: not read, but
+                        # not taken for absent either (facts.extract_facts: never low, a drug flagged)
+                        result.unreadable.append(label)
                     continue
                 if owner != pid:
                     raise CrossPatient(

@@ -184,6 +184,8 @@ def test_resources_naming_no_patient_or_failing_validation_are_left_out_with_a_w
     assert any(w.startswith("Observation/broken: fails FHIR R4 validation, left out") for w in result.invalid)
     assert "Observation/loose: dropped, it names no patient this server holds" in result.warnings
     assert "Observation/p1-ls" in ids(result.resources)
+    # both count as entries of p1's record that could not be read: never low, a drug flagged
+    assert sorted(result.unreadable) == ["Observation/broken", "Observation/loose"]
 
 
 @pytest.mark.parametrize("bad", ["1&patient=2", "../Group/x", "a b", "", "x" * 65])
