@@ -44,7 +44,7 @@ from ..references import MedicationIndex, parse_reference
 from ..terminology import Terminology
 from .client import FhirClient, SearchSpec, escape_token
 from .errors import ConfigError, NotSupported
-from .pull import _ID_RE, patient_elsewhere, patient_of
+from .pull import _ID_RE, patient_reference
 
 log = logging.getLogger("fhir_aibl.fhir")
 
@@ -139,8 +139,8 @@ def select_population(
         if resource.get("status") not in allowed[rtype]:
             rejected.append(f"{label}: status {resource.get('status')}")
             continue
-        pid = patient_of(resource, client.base_url)
-        if pid is None and (pid := patient_elsewhere(resource, client.base_url)) is not None:
+        pid, elsewhere = patient_reference(resource, client.base_url)
+        if elsewhere:
             # never hidden on a guess: the pull asks the server for this patient's own records
             warnings.append(
                 f"{label}: an aromatase inhibitor for Patient/{pid} on another base; Patient/{pid} of this "

@@ -104,7 +104,7 @@ def patient_of(resource: Mapping[str, Any], base_url: str) -> str | None:
     server's base; an absolute reference to another base is not known to be this server's
     patient (see `patient_elsewhere`).
     """
-    pid, elsewhere = _patient_reference(resource, base_url)
+    pid, elsewhere = patient_reference(resource, base_url)
     return None if elsewhere else pid
 
 
@@ -116,36 +116,34 @@ def patient_elsewhere(resource: Mapping[str, Any], base_url: str) -> str | None:
     says whose the resource is: a resource it answers for this patient is kept (with a warning),
     and an aromatase inhibitor recorded that way still selects the patient.
     """
-    pid, elsewhere = _patient_reference(resource, base_url)
+    pid, elsewhere = patient_reference(resource, base_url)
     return pid if elsewhere else None
 
 
-def _reference_text(resource: Mapping[str, Any]) -> str:
-    """The patient reference a resource gives, as written (for a message)."""
-    for element in _PATIENT_ELEMENTS:
-        ref = resource.get(element)
-        if isinstance(ref, dict) and isinstance(ref.get("reference"), str):
-            return ref["reference"].strip()
-    return ""
-
-
-def _patient_reference(resource: Mapping[str, Any], base_url: str) -> tuple[str | None, bool]:
-    """(the patient id a resource names, whether by an absolute reference on another base)."""
-    if resource.get("resourceType") == "Patient":
-        rid = resource.get("id")
-        return (rid if isinstance(rid, str) and rid else None), False
+def _reference_value(resource: Mapping[str, Any]) -> str | None:
+    """The first non-empty `subject`/`patient` reference of a resource, stripped; None if none."""
     for element in _PATIENT_ELEMENTS:
         ref = resource.get(element)
         value = ref.get("reference") if isinstance(ref, dict) else None
-        if not isinstance(value, str) or not value.strip():
-            continue
-        value = value.strip()
-        elsewhere = value.startswith(("http://", "https://")) and not value.startswith(base_url.rstrip("/") + "/")
-        target = parse_reference(value)  # relative, absolute, versioned (fhir_aibl/references.py)
-        if target is not None and target[0] == "Patient":
-            return target[1], elsewhere
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return None
+
+
+def patient_reference(resource: Mapping[str, Any], base_url: str) -> tuple[str | None, bool]:
+    """(the patient id a resource names, whether by an absolute reference on a base other than
+    `base_url`): what `patient_of` and `patient_elsewhere` each take half of."""
+    if resource.get("resourceType") == "Patient":
+        rid = resource.get("id")
+        return (rid if isinstance(rid, str) and rid else None), False
+    value = _reference_value(resource)
+    if value is None:
         return None, False
-    return None, False
+    target = parse_reference(value)  # relative, absolute, versioned (fhir_aibl/references.py)
+    if target is None or target[0] != "Patient":
+        return None, False
+    elsewhere = value.startswith(("http://", "https://")) and not value.startswith(base_url.rstrip("/") + "/")
+    return target[1], elsewhere
 
 
 def _version(resource: Mapping[str, Any]) -> int:
@@ -453,18 +451,19 @@ class Puller:
         careplans: dict[str, dict] = {}
         for purpose, resources in found:
             for r in resources:
-                owner = patient_of(r, base)
+                named, elsewhere = patient_reference(r, base)
+                owner = None if elsewhere else named
                 label = f"{r.get('resourceType')}/{r.get('id')}"
-                if owner is None and patient_elsewhere(r, base) == pid:
+                if elsewhere and named == pid:
                     # the server answered it to a search by this patient: its own name for itself
                     owner = pid
                     result.warnings.append(
                         f"{label}: names Patient/{pid} on another base "
-                        f"({_reference_text(r)}); kept, as the server answered it for this patient"
+                        f"({_reference_value(r)}); kept, as the server answered it for this patient"
                     )
                 if owner is None:
                     result.warnings.append(f"{label}: dropped, it names no patient this server holds")
-                    if _patient_reference(r, base)[0] is None and purpose != "careplan":
+                    if named is None and purpose != "careplan":
                         # answered to this patient's search, naming no patient at all: not read, but
                         # not taken for absent either (facts.extract_facts: never low, a drug flagged)
                         result.unreadable.append(label)
